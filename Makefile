@@ -1,0 +1,60 @@
+# edgeship: `make export TARGET=android` and `make test` work on a fresh clone.
+# The virtual environment is created on first use and reused after (rebuilt when
+# pyproject.toml or constraints.txt change).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgeship-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+TARGET ?= android
+MODEL ?=
+OUTPUT ?= dist
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help env system-packages export targets validate test test-fast bench clean distclean
+
+help:
+	@echo "make export TARGET=android [MODEL=path] [OUTPUT=dist] [ARGS='--only pte']"
+	@echo "make test | make bench | make targets | make validate DIR=dist/<target>/<model>"
+	@echo "make clean (exports) | make distclean (also the virtual environment)"
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "edgeship: installing the toolchain into $(VENV) (first run only, about 2 minutes)"
+	@$(PIP) torch==2.13.0   # first and alone: anything else could pull a CUDA build
+	@$(PIP) -c constraints.txt -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $@
+
+# Debian packages the device-harness tests need (a real sshd plays the board).
+system-packages:
+	@command -v /usr/sbin/sshd >/dev/null || { \
+		echo "edgeship: installing openssh-server"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server >/dev/null; }
+
+export: $(STAMP)
+	$(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) $(ARGS)
+
+targets: $(STAMP)
+	@$(BIN)/edgeship targets
+
+validate: $(STAMP)
+	$(BIN)/edgeship validate $(DIR)
+
+test: $(STAMP) system-packages
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(OUTPUT) .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,207 @@
+"""The export pipeline: model -> (per artifact) quantise, convert, write, validate -> manifest.
+
+One function, ``export``. The float program is traced once and shared by every artifact that can
+take it; each artifact is built in a staging folder and renamed into place only when complete;
+the manifest is written last, so a folder without one was never finished. A re-run reuses every
+artifact whose inputs did not change and which passed before.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import files, manifest
+from .errors import ConversionError, ExportError, OutputError
+from .formats import format_module
+from .progress import Progress
+from .quant import SCHEMES
+from .sources import LoadedModel
+from .targets import ArtifactSpec, Target
+from .validate import Golden, judge, make_golden, measure
+
+GOLDEN_SETS = 4
+OK_STATUSES = ("passed", "pending-mac")
+
+
+@dataclass
+class ArtifactResult:
+    spec: ArtifactSpec
+    status: str  # passed | failed | error | pending-mac
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+
+@dataclass
+class ExportSummary:
+    folder: Path
+    results: list[ArtifactResult]
+    fp32_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+
+def artifact_key(model: LoadedModel, spec: ArtifactSpec, toolchain: dict[str, str]) -> str:
+    """Everything that changes an artifact's bytes or its verdict; equal keys mean reuse."""
+    payload = json.dumps({"model": model.fingerprint, "spec": spec.canonical(), "parity": vars(spec.parity),
+                          "golden_sets": GOLDEN_SETS, "tools": toolchain}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def fp32_size(model: LoadedModel) -> int:
+    return sum(p.numel() * 4 for p in model.module.state_dict().values() if p.is_floating_point())
+
+
+def export(
+    target: Target,
+    model: LoadedModel,
+    output_root: Path,
+    *,
+    only: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> ExportSummary:
+    progress = progress or Progress(quiet=True)
+    folder = output_root / target.name / model.name
+    specs = [s for s in target.artifacts if not only or s.format.value in only or s.name in only]
+    if not specs:
+        raise ExportError(f"--only {','.join(only)} matches no artifact of target {target.name} "
+                          f"({', '.join(s.filename for s in target.artifacts)})")
+    reference = fp32_size(model)
+    files.ensure_writable(folder, needed_bytes=reference * 2)
+    previous = manifest.read(folder) or {}
+    previous_records = {a["name"]: a for a in previous.get("artifacts", [])}
+    tools = manifest.toolchain()
+
+    golden = make_golden(model, GOLDEN_SETS)
+    golden.save(folder / manifest.GOLDEN)
+    program: torch.export.ExportedProgram | None = model.program
+
+    results = []
+    for spec in specs:
+        key = artifact_key(model, spec, tools)
+        reused = _reusable(folder, spec, key, previous_records.get(spec.name))
+        if reused is not None:
+            progress.say(f"{spec.filename}: unchanged since the last export, reused")
+            results.append(ArtifactResult(spec, reused["status"], reused))
+            continue
+        if program is None:
+            with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
+                program = _trace(model)
+        results.append(_build_one(model, program, spec, folder, golden, key, progress))
+
+    # Artifacts of this target that were not rebuilt this time keep their previous records.
+    done = {r.spec.name for r in results}
+    kept = [previous_records[s.name] for s in target.artifacts if s.name not in done and s.name in previous_records]
+    records = [r.record for r in results] + kept
+    order = {s.name: i for i, s in enumerate(target.artifacts)}
+    records.sort(key=lambda r: order.get(r["name"], len(order)))
+    files.write_json(folder / manifest.MANIFEST, {
+        "schema": manifest.SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint,
+                  "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                             for n, t in zip(model.input_names, model.sample_inputs)],
+                  "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
+                  "padding_mask": model.padding_mask,
+                  "fp32_bytes": reference},
+        "target": {"name": target.name, "file": str(target.path), "sha256": target.sha256,
+                   "description": target.description},
+        "golden": {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN), "sets": GOLDEN_SETS},
+        "toolchain": tools,
+        "artifacts": records,
+    })
+    return ExportSummary(folder, results, reference)
+
+
+def _trace(model: LoadedModel) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model.module, model.sample_inputs, strict=False)
+    except Exception as exc:
+        raise ExportError(f"torch.export could not trace {model.name}: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+
+
+def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not record or record.get("key") != key or record.get("status") not in OK_STATUSES:
+        return None
+    path = folder / spec.filename
+    if not path.exists() or files.sha256_of(path) != record.get("sha256"):
+        return None
+    return record
+
+
+def _build_one(
+    model: LoadedModel,
+    program: torch.export.ExportedProgram,
+    spec: ArtifactSpec,
+    folder: Path,
+    golden: Golden,
+    key: str,
+    progress: Progress,
+) -> ArtifactResult:
+    scheme = SCHEMES[spec.quant]
+    record: dict[str, Any] = {
+        "name": spec.name, "file": spec.filename, "format": spec.format.value, "backend": spec.backend,
+        "spec": spec.canonical(), "thresholds": {k: v for k, v in vars(spec.parity).items() if v is not None},
+        "key": key,
+    }
+    began = time.monotonic()
+    fmt = format_module(spec.format.value)
+    destination = folder / spec.filename
+    try:
+        with files.staging(folder) as stage:
+            staged = stage / spec.filename
+            with progress.stage(f"{spec.filename}: {spec.backend}, {spec.quant} ({scheme.summary})"):
+                built = fmt.build(model, program, spec, staged)
+            layers = [d.as_dict() for d in built.layers]
+            record["quantisation"] = {
+                "scheme": spec.quant, "summary": scheme.summary, "group_size": spec.group_size,
+                "quantised_layers": sum(d["quantised"] for d in layers),
+                "float_layers": sum(not d["quantised"] for d in layers), "layers": layers,
+            }
+            record["details"] = built.details
+            record["signature"] = fmt.inspect(staged).as_dict()
+            with progress.stage(f"{spec.filename}: parity against the eager model"):
+                metrics = measure(spec.format.value, spec.backend, staged, golden, model.logits_outputs,
+                                  model.padding_mask)
+            if metrics is None:
+                checks = fmt.check(staged, [tuple(t.shape) for t in model.sample_inputs], len(model.output_names), layers)
+                record["structural_checks"] = checks
+                passed = all(c["passed"] for c in checks)
+                record["parity"] = {"pending": "numeric parity needs a Mac (Core ML runs only on macOS); "
+                                               "run `edgeship validate` there", "passed": None}
+                status = "pending-mac" if passed else "failed"
+                if not passed:
+                    record["failures"] = [c["check"] for c in checks if not c["passed"]]
+            else:
+                record["parity"] = judge(metrics, spec.parity)
+                status = "passed" if record["parity"]["passed"] else "failed"
+                record["failures"] = record["parity"]["failures"]
+            files.replace(staged, destination)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise OutputError(f"{folder}: cannot write {spec.filename} ({exc.strerror}); "
+                              "free some space or choose another --output") from exc
+        raise
+    except ConversionError as exc:
+        progress.say(f"{spec.filename}: FAILED: {exc}")
+        files.remove(destination)
+        record.update(status="error", error=str(exc), seconds=round(time.monotonic() - began, 2))
+        return ArtifactResult(spec, "error", record)
+    record.update(status=status, size=files.size_of(destination), sha256=files.sha256_of(destination),
+                  seconds=round(time.monotonic() - began, 2))
+    progress.say(f"{spec.filename}: {status}, {record['size'] / 1e6:.2f} MB, sha256 {record['sha256'][:12]}")
+    return ArtifactResult(spec, status, record)
