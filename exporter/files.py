@@ -63,6 +63,12 @@ def staging(folder: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_stale_staging(folder: Path) -> None:
+    """Staging folders a killed run left behind (never reused: their contents may be partial)."""
+    for stale in folder.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     partial = path.with_name(f".{path.name}.partial")

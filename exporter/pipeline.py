@@ -81,6 +81,7 @@ def export(
                           f"({', '.join(s.filename for s in target.artifacts)})")
     reference = fp32_size(model)
     files.ensure_writable(folder, needed_bytes=reference * 2)
+    files.remove_stale_staging(folder)
     previous = manifest.read(folder) or {}
     previous_records = {a["name"]: a for a in previous.get("artifacts", [])}
     tools = manifest.toolchain()

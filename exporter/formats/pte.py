@@ -17,7 +17,8 @@ from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
 
-_OP_PATTERN = re.compile(r"\b(?:aten|[a-z_][a-z0-9_]*)(?:::|\.)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?")
+# "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
+_OP_PATTERN = re.compile(r"\baten(?:::|\.)\w+(?:\.\w+)?|\b[a-z_][a-z0-9_]*::\w+")
 
 
 def quantise(model: LoadedModel, spec: ArtifactSpec) -> tuple[torch.nn.Module, list[LayerDecision]]:
@@ -62,14 +63,24 @@ def partitioners(spec: ArtifactSpec) -> list[Any]:
     return []
 
 
-def lower(program: torch.export.ExportedProgram, spec: ArtifactSpec, **to_edge: Any) -> tuple[bytes, dict[str, Any]]:
-    """to_edge + delegate + to_executorch; a failure names the ops it could not handle."""
+def lower(
+    program: torch.export.ExportedProgram,
+    spec: ArtifactSpec,
+    *,
+    check_ir_validity: bool = True,
+    **to_edge: Any,
+) -> tuple[bytes, dict[str, Any]]:
+    """to_edge + delegate + to_executorch; a failure names the ops it could not handle.
+
+    IR validity checks stay on unless a caller brings its own custom ops (the LLM path): without
+    them an op with no kernel lowers fine and only fails when the runtime loads the program.
+    """
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     try:
         edge = to_edge_transform_and_lower(
             program, partitioner=partitioners(spec),
-            compile_config=EdgeCompileConfig(_check_ir_validity=False), **to_edge,
+            compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
         )
         details = delegation(edge)
         executorch_program = edge.to_executorch()
@@ -80,7 +91,7 @@ def lower(program: torch.export.ExportedProgram, spec: ArtifactSpec, **to_edge: 
 
 def describe_failure(exc: BaseException) -> str:
     text = str(exc)
-    ops = sorted({m for m in _OP_PATTERN.findall(text) if "::" in m or m.startswith("aten.")})
+    ops = sorted(set(_OP_PATTERN.findall(text)))
     first_line = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
     return f"unsupported op(s) {', '.join(ops[:5])}: {first_line}" if ops else f"{type(exc).__name__}: {first_line}"
 
@@ -127,7 +138,11 @@ def load(path: Path, backend: str = "xnnpack") -> Runner | None:
     from executorch.runtime import Runtime
 
     load_runtime_extensions()
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    try:
+        method = Runtime.get().load_program(str(path)).load_method("forward")
+    except RuntimeError as exc:
+        raise ConversionError(path.name, f"the ExecuTorch runtime cannot load the program ({exc}); "
+                                         "an operator in it has no kernel in this runtime") from exc
     meta = method.metadata
     dtypes = [_dtype(meta.input_tensor_meta(i)) for i in range(meta.num_inputs())]
 

@@ -154,14 +154,21 @@ def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, An
 
 
 def quantised_scopes(flatbuffer: bytes) -> set[str]:
-    """Output names of FULLY_CONNECTED ops that read an integer weight tensor."""
+    """Output names of FULLY_CONNECTED ops whose weight is stored as integers.
+
+    Dynamic-range ops read the int8 tensor directly; weight-only ops read it through a DEQUANTIZE op.
+    """
     interpreter = _interpreter(model_content=flatbuffer)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    return {
-        tensors[int(op["outputs"][0])]["name"]
-        for op in interpreter._get_ops_details()
-        if op["op_name"] == "FULLY_CONNECTED" and np.dtype(tensors[int(op["inputs"][1])]["dtype"]).kind in "iu"
-    }
+    ops = interpreter._get_ops_details()
+    dequantized_from = {int(op["outputs"][0]): int(op["inputs"][0]) for op in ops if op["op_name"] == "DEQUANTIZE"}
+
+    def stored_as_integers(index: int) -> bool:
+        index = dequantized_from.get(index, index)
+        return np.dtype(tensors[index]["dtype"]).kind in "iu"
+
+    return {tensors[int(op["outputs"][0])]["name"] for op in ops
+            if op["op_name"] == "FULLY_CONNECTED" and stored_as_integers(int(op["inputs"][1]))}
 
 
 def load(path: Path, backend: str = "litert") -> Runner:

@@ -121,14 +121,19 @@ def prepare(
     for name, value in zip(names, values):
         if not isinstance(value, torch.Tensor):
             raise SourceError(f"{what}: sample input '{name}' is {type(value).__name__}, not a tensor")
-    model.eval().requires_grad_(False)
+    try:
+        model.eval()
+    except NotImplementedError:  # a torch.export program's module is already in inference form
+        pass
+    model.requires_grad_(False)
     try:
         with torch.no_grad():
             out = model(**dict(zip(names, values))) if keyword else model(*values)
     except Exception as exc:
         raise SourceError(f"{what}: the model fails on its own sample inputs: {type(exc).__name__}: {exc}") from exc
     output_names = tuple(flatten_outputs(out))
-    flat = FlatModule(model, names, keyword, output_names).eval()
+    flat = FlatModule(model, names, keyword, output_names)
+    flat.training = False  # not .eval(): that would recurse into a torch.export module, which refuses
     return flat, names, values, output_names
 
 

@@ -73,9 +73,11 @@ def load_weights_checked(loader: Any, folder: Path, **kwargs: Any) -> nn.Module:
     present += [p.name for p in folder.glob("model-*.safetensors")]
     if not present and "gguf_file" not in kwargs:
         raise SourceError(f"{folder}: no weights (expected {' or '.join(WEIGHT_FILES)})")
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:
         weights = ", ".join(present) or kwargs.get("gguf_file", "")
         raise SourceError(
             f"{folder}: cannot load the weights ({weights}); the file is truncated or corrupt? "

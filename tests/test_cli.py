@@ -1,0 +1,136 @@
+"""The CLI as users run it: one-line errors with the fix, non-zero exits, no tracebacks for their mistakes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MLP, TESTS, run_cli, write_target
+
+FLOAT_TFLITE = """
+[[artifact]]
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_cosine = 0.9999
+"""
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_targets_lists_every_target_with_its_artifacts() -> None:
+    result = run_cli("targets")
+    assert result.returncode == 0
+    for name in ("android:", "ios:", "raspberry-pi:", "linux-x86_64:", "xnnpack-int8-dynamic.pte",
+                 "mlprogram-int8-weight.mlpackage"):
+        assert name in result.stdout
+
+
+def test_unknown_target() -> None:
+    assert_user_error(run_cli("export", "--target", "andriod", "--model", MLP),
+                      "unknown target 'andriod' (did you mean 'android'?)", "known targets: android, ios")
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    assert_user_error(run_cli("export", "-t", "android", "-m", str(tmp_path / "nope")), "nope: no such file or folder")
+
+
+def test_factory_that_raises() -> None:
+    assert_user_error(run_cli("export", "-t", "android", "-m", f"{TESTS}/models.py:build_raises"),
+                      "raised RuntimeError: weights server unreachable")
+
+
+def test_factory_returning_the_wrong_thing() -> None:
+    assert_user_error(run_cli("export", "-t", "android", "-m", f"{TESTS}/models.py:build_model_only"),
+                      "must return (model, sample_inputs)")
+
+
+def test_corrupt_checkpoint(bert_classifier: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-bert"
+    shutil.copytree(bert_classifier, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    assert_user_error(run_cli("export", "-t", "android", "-m", str(broken)), "truncated or corrupt")
+
+
+def test_bad_target_file_by_path() -> None:
+    typo = TESTS / "fixtures" / "targets" / "typo_key.toml"
+    assert_user_error(run_cli("export", "-t", str(typo), "-m", MLP), "unknown key 'qaunt' (did you mean 'quant'?)")
+
+
+def test_op_a_backend_cannot_lower_names_op_and_artifact_and_exits_non_zero(tmp_path: Path) -> None:
+    result = run_cli("export", "-t", "linux-x86_64", "-m", f"{TESTS}/custom_op_model.py:build",
+                     "-o", str(tmp_path), "-q")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: xnnpack-fp32.pte: ExecuTorch could not lower the model: unsupported op(s) edgeship_test::mystery" \
+        in result.stderr
+    assert "error: litert-fp32.tflite: litert-torch could not convert the model" in result.stderr
+    manifest = json.loads((tmp_path / "linux-x86_64" / "custom-op-model" / "manifest.json").read_text())
+    assert {a["status"] for a in manifest["artifacts"]} == {"error"}
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, *options: str) -> Iterator[Path]:
+    """A real small filesystem; needs root (CI and this machine run tests as root)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(where)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_read_only_output(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", "ro", "size=1m") as folder:
+        assert_user_error(run_cli("export", "-t", "android", "-m", MLP, "-o", str(folder / "dist")),
+                          "cannot write here (Read-only file system); choose another --output")
+
+
+def test_no_space_for_the_output(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=1m") as folder:
+        assert_user_error(run_cli("export", "-t", "android", "-m", f"{TESTS}/models.py:build_wide",
+                                  "-o", str(folder)), "MB free, the export needs about", "free some space")
+
+
+def test_validate_passes_then_catches_a_changed_artifact(tmp_path: Path) -> None:
+    target = write_target(tmp_path, "flt", FLOAT_TFLITE)
+    assert run_cli("export", "-t", str(target), "-m", MLP, "-o", str(tmp_path / "dist"), "-q").returncode == 0
+    folder = tmp_path / "dist" / "flt" / "mlp"
+    result = run_cli("validate", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert "litert-fp32.tflite" in result.stdout and "passed" in result.stdout
+    artifact = folder / "litert-fp32.tflite"
+    artifact.write_bytes(artifact.read_bytes()[:-16] + b"\x00" * 16)
+    result = run_cli("validate", str(folder))
+    assert result.returncode == 1
+    assert "error: litert-fp32.tflite: litert-fp32.tflite changed since export (sha256 differs)" in result.stderr
+
+
+def test_validate_without_manifest(tmp_path: Path) -> None:
+    assert_user_error(run_cli("validate", str(tmp_path)), "no manifest.json", "run `edgeship export` first")
+
+
+def test_export_prints_summary_table(tmp_path: Path) -> None:
+    target = write_target(tmp_path, "flt", FLOAT_TFLITE)
+    result = run_cli("export", "-t", str(target), "-m", MLP, "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header[:3] == ["artifact", "size", "MB"]
+    assert "litert-fp32.tflite" in result.stdout and "passed" in result.stdout
+    assert "litert-fp32.tflite: litert, fp32" in result.stderr  # progress with elapsed time

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.errors import SourceError
+from exporter.sources import SourceOptions, load_model
+from tests.conftest import TESTS
+
+
+def test_factory_from_file_names_inputs_and_outputs() -> None:
+    model = load_model(f"{TESTS}/models.py:build_mlp")
+    assert model.name == "mlp"
+    assert model.input_names == ("input_0",)
+    assert model.output_names == ("output",)
+    assert model.module(*model.sample_inputs)[0].shape == (4, 10)
+    assert not model.module.training
+
+
+def test_factory_from_module_path_with_keyword_inputs_and_dict_outputs() -> None:
+    model = load_model("tests.models:build_classifier")
+    assert model.input_names == ("tokens", "scale")
+    assert model.output_names == ("logits", "hidden")
+    assert model.logits_outputs == {"logits"}
+
+
+def test_fresh_inputs_differ_from_the_sample_and_keep_integer_ranges() -> None:
+    model = load_model("tests.models:build_classifier")
+    fresh = model.fresh_inputs(2)
+    assert not torch.equal(fresh[0][0], model.sample_inputs[0])
+    assert fresh[0][0].dtype == torch.int64 and int(fresh[0][0].max()) < 50
+
+
+def test_fingerprint_follows_the_weights() -> None:
+    first = load_model("tests.models:build_mlp").fingerprint
+    assert load_model("tests.models:build_mlp").fingerprint == first
+    assert load_model("tests.models:build_wide").fingerprint != first
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (f"{TESTS}/models.py:build_raises", "raised RuntimeError: weights server unreachable"),
+    (f"{TESTS}/models.py:build_model_only", "it must return (model, sample_inputs)"),
+    (f"{TESTS}/models.py:build_not_a_module", "gave str, not a torch.nn.Module"),
+    (f"{TESTS}/models.py:build_fails_on_inputs", "the model fails on its own sample inputs"),
+    (f"{TESTS}/models.py:no_such_function", "has no function 'no_such_function'"),
+    (f"{TESTS}/missing.py:build", "missing.py: no such file"),
+    ("not_a_module_anywhere:build", "cannot import module 'not_a_module_anywhere'"),
+    ("/no/such/folder", "/no/such/folder: no such file or folder"),
+    ("mystery", "cannot tell what 'mystery' is"),
+])
+def test_bad_model_sources_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(SourceError) as caught:
+        load_model(spec)
+    assert message in str(caught.value)
+
+
+def test_hf_classifier_uses_the_tokenizer_and_marks_logits(bert_classifier: Path) -> None:
+    model = load_model(str(bert_classifier), SourceOptions(seq_len=16))
+    assert model.source["task"] == "text-classification"
+    assert model.input_names == ("input_ids", "token_type_ids", "attention_mask")
+    assert model.output_names == ("logits",)
+    assert model.logits_outputs == {"logits"}
+    assert model.padding_mask == "attention_mask"
+    assert model.sample_inputs[0].shape == (1, 16)
+    assert model.sample_inputs[0][0, 0] == 2  # [CLS] from the real tokenizer
+
+
+def test_sentence_transformers_folder_exports_pooled_embeddings(bert_sentence: Path) -> None:
+    model = load_model(str(bert_sentence), SourceOptions(seq_len=16))
+    assert model.output_names == ("last_hidden_state", "sentence_embedding")
+    embedding = model.module(*model.sample_inputs)[1]
+    assert torch.allclose(embedding.norm(dim=-1), torch.ones(1), atol=1e-5)  # the Normalize module
+
+
+def test_truncated_weights_are_reported_as_corrupt(bert_classifier: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_classifier, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SourceError) as caught:
+        load_model(str(broken))
+    assert "model.safetensors" in str(caught.value) and "truncated or corrupt" in str(caught.value)
+
+
+def test_folder_without_config_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="not a Hugging Face checkpoint folder"):
+        load_model(str(tmp_path))
+
+
+def test_seq_len_longer_than_the_model_is_refused(bert_classifier: Path) -> None:
+    with pytest.raises(SourceError, match="longer than the model's 64 positions"):
+        load_model(str(bert_classifier), SourceOptions(seq_len=65))
+
+
+def test_pt2_program_is_reused_as_traced(tmp_path: Path) -> None:
+    from tests.models import build_mlp
+
+    module, inputs = build_mlp()
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(module.eval(), inputs), str(path))
+    model = load_model(str(path))
+    assert model.program is not None
+    assert model.name == "mlp"
+    assert torch.allclose(model.module(*inputs)[0], module(*inputs))
+
+
+def test_corrupt_pt2_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.pt2"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(SourceError, match="not a readable torch.export program"):
+        load_model(str(path))

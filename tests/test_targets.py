@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.errors import TargetError
+from exporter.targets import TARGETS_DIR, Format, known_targets, load_target, load_target_file
+
+FIXTURES = Path(__file__).parent / "fixtures" / "targets"
+
+
+@pytest.mark.parametrize("path", sorted(TARGETS_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_target_loads(path: Path) -> None:
+    target = load_target_file(path)
+    assert target.name == path.stem
+    assert target.description
+    assert target.artifacts
+    for spec in target.artifacts:
+        thresholds = {k: v for k, v in vars(spec.parity).items() if v is not None}
+        assert thresholds, f"{spec.name} has no parity thresholds"
+
+
+def test_the_required_targets_ship() -> None:
+    assert {"android", "ios", "raspberry-pi", "linux-x86_64"} <= set(known_targets())
+
+
+def test_android_prefers_xnnpack_pte_then_tflite() -> None:
+    formats = [a.format for a in load_target("android").artifacts]
+    assert formats == [Format.PTE, Format.TFLITE]
+
+
+BAD = {
+    "typo_key": "artifact 1: unknown key 'qaunt' (did you mean 'quant'?)",
+    "unknown_scheme": "quant 'int3-magic' is not one of",
+    "scheme_not_for_format": "quant '8da4w' is not available for .mlpackage; use one of",
+    "wrong_type": "key 'group_size' must be an integer, got '32'",
+    "missing_parity": "artifact 1: missing key 'parity'",
+    "parity_typo": "parity: unknown key 'min_cosin' (did you mean 'min_cosine'?)",
+    "no_group_size": "quant '8da4w' needs group_size",
+    "blockwise_ios17": 'need deployment_target = "iOS18"',
+    "option_wrong_format": "key 'deployment_target' is not understood by .tflite",
+    "tflite_block_size": "group_size in (32, 64, 128, 256), got 16",
+    "unknown_format": "format 'onnx' is not one of pte, mlpackage, tflite",
+    "no_artifacts": "no [[artifact]] tables",
+    "duplicate_names": "'xnnpack-fp32' appears twice",
+    "not_toml": "not valid TOML",
+}
+
+
+@pytest.mark.parametrize("fixture", sorted(BAD))
+def test_bad_target_file_names_file_key_and_fix(fixture: str) -> None:
+    path = FIXTURES / f"{fixture}.toml"
+    with pytest.raises(TargetError) as caught:
+        load_target_file(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert BAD[fixture] in message
+
+
+def test_every_bad_fixture_has_a_test() -> None:
+    assert {p.stem for p in FIXTURES.glob("*.toml")} == set(BAD)
+
+
+def test_unknown_target_lists_known_and_suggests() -> None:
+    with pytest.raises(TargetError) as caught:
+        load_target("andriod")
+    message = str(caught.value)
+    assert "unknown target 'andriod' (did you mean 'android'?)" in message
+    for name in ("android", "ios", "raspberry-pi", "linux-x86_64"):
+        assert name in message
+
+
+def test_target_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "my-board.toml"
+    path.write_text((TARGETS_DIR / "raspberry-pi.toml").read_text())
+    target = load_target(str(path))
+    assert target.name == "my-board"
+    assert target.sha256 == load_target("raspberry-pi").sha256
