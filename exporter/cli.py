@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--only", default="", help="comma-separated formats or artifact names to build")
     export.add_argument("--seq-len", type=int, default=None, help="encoders: sequence length of the inputs")
     export.add_argument("--batch-size", type=int, default=1, help="batch size of the exported inputs")
+    export.add_argument("--context-len", type=int, default=None,
+                        help="language models: KV-cache length, prompt plus generated tokens (default 512)")
     export.add_argument("--quiet", "-q", action="store_true", help="no progress lines, only the summary")
 
     commands.add_parser("targets", help="list targets and the artifacts each produces")

@@ -38,7 +38,8 @@ def export_command(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.quiet)
     spec = args.model or default_model()
     with progress.stage(f"loading {spec}"):
-        model = load_model(spec, SourceOptions(seq_len=args.seq_len, batch_size=args.batch_size))
+        model = load_model(spec, SourceOptions(seq_len=args.seq_len, batch_size=args.batch_size,
+                                               context_len=args.context_len))
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     summary = export(target, model, Path(args.output), only=only, progress=progress)
     print(render_table([r.record for r in summary.results], summary.fp32_bytes))

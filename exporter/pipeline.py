@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import files, manifest
+from . import files, lm_parity, manifest
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
 from .progress import Progress
@@ -86,8 +87,15 @@ def export(
     previous_records = {a["name"]: a for a in previous.get("artifacts", [])}
     tools = manifest.toolchain()
 
-    golden = make_golden(model, GOLDEN_SETS)
-    golden.save(folder / manifest.GOLDEN)
+    if model.language is not None:
+        with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"):
+            golden: Golden | lm_parity.Reference = lm_parity.reference(model.language)
+        np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
+        bundle = bundle_files(folder, model.language)
+    else:
+        golden = make_golden(model, GOLDEN_SETS)
+        golden.save(folder / manifest.GOLDEN)
+        bundle = {}
     program: torch.export.ExportedProgram | None = model.program
 
     results = []
@@ -98,7 +106,7 @@ def export(
             progress.say(f"{spec.filename}: unchanged since the last export, reused")
             results.append(ArtifactResult(spec, reused["status"], reused))
             continue
-        if program is None:
+        if program is None and model.language is None:
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
         results.append(_build_one(model, program, spec, folder, golden, key, progress))
@@ -120,11 +128,46 @@ def export(
                   "fp32_bytes": reference},
         "target": {"name": target.name, "file": str(target.path), "sha256": target.sha256,
                    "description": target.description},
-        "golden": {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN), "sets": GOLDEN_SETS},
+        "golden": {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
+                   "kind": "language-model" if model.language is not None else "tensors", "sets": GOLDEN_SETS},
+        "bundle": bundle,
         "toolchain": tools,
         "artifacts": records,
     })
     return ExportSummary(folder, results, reference)
+
+
+def _measure_language_model(fmt: Any, spec: ArtifactSpec, path: Path, ref: lm_parity.Reference,
+                            model: LoadedModel, record: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    stepper = fmt.lm_stepper(path, spec.backend)
+    if stepper is None:
+        return None
+    metrics = lm_parity.measure(stepper, ref, model.language.eos_ids)
+    record["generations"] = [model.language.tokenizer.decode(g) for g in metrics.pop("generations")]
+    if spec.format.value == "pte" and (folder / "tokenizer.json").is_file():
+        prompt = model.language.tokenizer.decode(ref.prompt_ids[0])
+        record["text_llm_runner"] = fmt.run_text_llm_runner(path, folder / "tokenizer.json", prompt, len(ref.greedy[0]))
+    return metrics
+
+
+def bundle_files(folder: Path, language: Any) -> dict[str, Any]:
+    """What an app needs beside the model: tokenizer, chat template, generation defaults."""
+    language.tokenizer.save_pretrained(str(folder))
+    for extra in ("special_tokens_map.json",):
+        (folder / extra).unlink(missing_ok=True)
+    if language.chat_template:
+        (folder / "chat_template.jinja").write_text(language.chat_template)
+    generation = {
+        "eos_token_ids": language.eos_ids,
+        "bos_token_id": language.tokenizer.bos_token_id,
+        "context_length": language.max_context,
+        "temperature": language.generation.get("temperature", 0.7),
+        "top_p": language.generation.get("top_p", 0.9),
+        "top_k": language.generation.get("top_k", 50),
+    }
+    files.write_json(folder / "generation_config.json", generation)
+    return {"tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja" if language.chat_template else None,
+            "generation_config": "generation_config.json", **generation}
 
 
 def _trace(model: LoadedModel) -> torch.export.ExportedProgram:
@@ -146,10 +189,10 @@ def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any]
 
 def _build_one(
     model: LoadedModel,
-    program: torch.export.ExportedProgram,
+    program: torch.export.ExportedProgram | None,
     spec: ArtifactSpec,
     folder: Path,
-    golden: Golden,
+    golden: Golden | lm_parity.Reference,
     key: str,
     progress: Progress,
 ) -> ArtifactResult:
@@ -176,8 +219,11 @@ def _build_one(
             record["details"] = built.details
             record["signature"] = fmt.inspect(staged).as_dict()
             with progress.stage(f"{spec.filename}: parity against the eager model"):
-                metrics = measure(spec.format.value, spec.backend, staged, golden, model.logits_outputs,
-                                  model.padding_mask)
+                if isinstance(golden, lm_parity.Reference):
+                    metrics = _measure_language_model(fmt, spec, staged, golden, model, record, folder)
+                else:
+                    metrics = measure(spec.format.value, spec.backend, staged, golden, model.logits_outputs,
+                                      model.padding_mask)
             if metrics is None:
                 checks = fmt.check(staged, [tuple(t.shape) for t in model.sample_inputs], len(model.output_names), layers)
                 record["structural_checks"] = checks
@@ -192,6 +238,11 @@ def _build_one(
                 status = "passed" if record["parity"]["passed"] else "failed"
                 record["failures"] = record["parity"]["failures"]
             files.replace(staged, destination)
+            record["companions"] = []
+            for companion in built.companions:
+                files.replace(stage / companion, folder / companion)
+                record["companions"].append({"file": companion, "size": files.size_of(folder / companion),
+                                             "sha256": files.sha256_of(folder / companion)})
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
             raise OutputError(f"{folder}: cannot write {spec.filename} ({exc.strerror}); "

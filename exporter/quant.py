@@ -92,10 +92,11 @@ def _float(group_size: int | None) -> None:
 
 
 # (format, scheme) -> builder(group_size) -> the library's config object.
+# Not offered: pte/8da8w (XNNPACK: "Only 4b group quantization is supported"), pte/int8-weight (torchao's
+# dequantize_affine has no ExecuTorch kernel), tflite/fp16 and mlpackage dynamic activations (no such kernels).
 IMPLEMENTATIONS: dict[tuple[str, str], Callable[[int | None], Any]] = {
     ("pte", "fp32"): _float,
     ("pte", "int8-dynamic"): _torchao_dynamic(8),
-    ("pte", "8da8w"): _torchao_dynamic(8),
     ("pte", "8da4w"): _torchao_dynamic(4),
     ("mlpackage", "fp32"): _float,
     ("mlpackage", "fp16"): _float,

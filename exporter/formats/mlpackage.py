@@ -64,7 +64,12 @@ def compressed_weights(mlmodel: Any) -> dict[str, str]:
     return found
 
 
-def build(model: LoadedModel, program: torch.export.ExportedProgram, spec: ArtifactSpec, destination: Path) -> Built:
+def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.language is not None:
+        # Issue 3: a stateful Core ML model (KV cache as state, iOS18) is the next step for LMs.
+        raise ConversionError(spec.filename, "Core ML export of decoder language models (stateful KV cache) is not "
+                                             "implemented yet; export the .pte artifacts, or an encoder/other model")
+    assert program is not None  # the pipeline traces once for every non-language model
     scheme = SCHEMES[spec.quant]
     plan = plan_layers(model.module, scheme, spec.group_size, spec.skip_layers)
     mlmodel = convert(program, spec)

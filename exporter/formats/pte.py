@@ -21,15 +21,15 @@ from . import Built, Runner, Signature, TensorSpec
 _OP_PATTERN = re.compile(r"\baten(?:::|\.)\w+(?:\.\w+)?|\b[a-z_][a-z0-9_]*::\w+")
 
 
-def quantise(model: LoadedModel, spec: ArtifactSpec) -> tuple[torch.nn.Module, list[LayerDecision]]:
+def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = False) -> tuple[torch.nn.Module, list[LayerDecision]]:
     """Apply the target's scheme with torchao to a copy of the module, following the layer plan."""
     scheme = SCHEMES[spec.quant]
-    plan = plan_layers(model.module, scheme, spec.group_size, spec.skip_layers)
+    plan = plan_layers(source, scheme, spec.group_size, spec.skip_layers)
     if scheme.weight_bits is None:
-        return model.module, plan
+        return source, plan
     from torchao.quantization import quantize_
 
-    module = copy.deepcopy(model.module)
+    module = source if in_place else copy.deepcopy(source)
     chosen = {d.name for d in plan if d.quantised}
     quantize_(module, library_config("pte", spec.quant, spec.group_size),
               filter_fn=lambda layer, fqn: fqn in chosen)
@@ -111,8 +111,11 @@ def delegation(edge: Any) -> dict[str, Any]:
     return {"delegate_calls": delegated, "non_delegated_ops": dict(sorted(remaining.items()))}
 
 
-def build(model: LoadedModel, program: torch.export.ExportedProgram, spec: ArtifactSpec, destination: Path) -> Built:
-    module, layers = quantise(model, spec)
+def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.language is not None:
+        return build_decoder(model, spec, destination)
+    assert program is not None  # the pipeline traces once for every non-language model
+    module, layers = quantise(model.module, spec)
     if module is not model.module:
         try:
             program = torch.export.export(module, model.sample_inputs, strict=False)
@@ -194,3 +197,73 @@ def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
         {"check": "output count matches the model", "passed": len(signature.outputs) == output_count,
          "expected": output_count, "found": len(signature.outputs)},
     ]
+
+
+def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """A language model as ExecuTorch's LLM runners want it: KV cache in the program, custom SDPA and
+    cache-update ops, int8 embedding lookups, dynamic prompt length, runner metadata."""
+    from .. import llm
+
+    language = model.language
+    causal_lm = copy.deepcopy(language.causal_lm)
+    layers: list[LayerDecision] = []
+    if spec.embedding_quant:
+        embedding = causal_lm.get_input_embeddings()
+        shape = tuple(embedding.weight.shape)
+        # The lm_head keeps its own (tied) weight and is quantised with the linears below.
+        causal_lm.config.tie_word_embeddings = False
+        group = llm.EMBEDDING_GROUP if shape[1] % llm.EMBEDDING_GROUP == 0 else None
+        name = llm.quantise_embedding(causal_lm, group)
+        layers.append(LayerDecision(f"inner.{name}", "embedding", shape, True,
+                                    f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
+    decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
+    decoder, linear_layers = quantise(decoder, spec, in_place=True)
+    layers += linear_layers
+    sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
+    seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
+    try:
+        program = torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, None), strict=False)
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"torch.export of the KV-cache decoder failed: {describe_failure(exc)}") from exc
+    metadata = llm.runner_metadata(causal_lm.config, language.tokenizer, language.max_context, language.eos_ids)
+    buffer, details = lower(program, spec, check_ir_validity=False, constant_methods=metadata)
+    destination.write_bytes(buffer)
+    details["runner_metadata"] = metadata
+    return Built(layers=layers, details=details)
+
+
+def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
+    """Feed tokens at a position, get the last token's logits: how lm_parity drives a .pte."""
+    if backend == "coreml" and platform.system() != "Darwin":
+        return None
+    from executorch.runtime import Runtime
+
+    load_runtime_extensions()
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def step(tokens: list[int], start_pos: int) -> np.ndarray:
+        out = method.execute([torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long)])
+        return out[0].reshape(-1, out[0].shape[-1])[-1].float().numpy().copy()
+
+    return step
+
+
+def run_text_llm_runner(path: Path, tokenizer_json: Path, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """Generate with ExecuTorch's own TextLLMRunner: proof the .pte runs unchanged in its apps."""
+    import json
+
+    load_runtime_extensions()
+    from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
+
+    runner = TextLLMRunner(str(path), str(tokenizer_json))
+    config = GenerationConfig()
+    config.max_new_tokens = max_new_tokens
+    config.temperature = 0.0
+    config.echo = False
+    pieces: list[str] = []
+    stats: list[str] = []
+    runner.generate(prompt, config, pieces.append, lambda s: stats.append(s.to_json_string()))
+    report = json.loads(stats[-1]) if stats else {}
+    return {"text": "".join(pieces), "prefill_tokens_per_s": report.get("prefill_token_per_sec"),
+            "decode_tokens_per_s": report.get("decode_token_per_sec"), "prompt_tokens": report.get("prompt_tokens"),
+            "generated_tokens": report.get("generated_tokens")}

@@ -107,7 +107,9 @@ def fully_connected_ops(flatbuffer: bytes) -> list[dict[str, Any]]:
     return ops
 
 
-def build(model: LoadedModel, program: torch.export.ExportedProgram, spec: ArtifactSpec, destination: Path) -> Built:
+def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.language is not None:
+        return build_decoder(model, spec, destination)
     scheme = SCHEMES[spec.quant]
     plan = plan_layers(model.module, scheme, spec.group_size, spec.skip_layers)
     flatbuffer = float_flatbuffer(model, spec)
@@ -196,3 +198,125 @@ def inspect(path: Path) -> Signature:
                      for k in ordered)
 
     return Signature(specs(runner.get_input_details()), specs(runner.get_output_details()))
+
+
+# --- language models -------------------------------------------------------------------------------
+
+PREFILL_LENGTH = 64  # prompt tokens the prefill signature takes at once; longer prompts go in chunks
+_RECIPES = {"fp32": None, "int8-dynamic": "dynamic_wi8_afp32", "int8-weight": "weight_only_wi8_afp32"}
+_hf_folders: dict[str, Path] = {}  # model fingerprint -> HF folder litert-torch reads (GGUFs are saved once)
+
+
+def _recipe(spec: ArtifactSpec) -> str | None:
+    if spec.quant in _RECIPES:
+        return _RECIPES[spec.quant]
+    if spec.quant in ("8da4w", "int4-weight") and spec.group_size in (32, 64):
+        return f"{'dynamic' if spec.quant == '8da4w' else 'weight_only'}_wi4b{spec.group_size}_afp32"
+    raise ConversionError(spec.filename, f"litert-torch's LLM exporter has no recipe for {spec.quant} "
+                                         f"(group {spec.group_size}); use int8-dynamic, int8-weight or 8da4w with group 32/64")
+
+
+def _hf_folder(model: LoadedModel, scratch: Path) -> Path:
+    source = model.source
+    if source["kind"] == "hf-folder":
+        return Path(source["path"])
+    if model.fingerprint not in _hf_folders:
+        from safetensors.torch import save_model
+
+        folder = Path(tempfile.mkdtemp(prefix="edgeship-hf-", dir=scratch))
+        # transformers refuses save_pretrained on a model loaded from GGUF; the dequantised fp32 weights
+        # and the config are all litert-torch needs (save_model stores tied weights once).
+        causal_lm = model.language.causal_lm
+        causal_lm.config.save_pretrained(folder)
+        save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        model.language.tokenizer.save_pretrained(folder)
+        _hf_folders[model.fingerprint] = folder
+    return _hf_folders[model.fingerprint]
+
+
+def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """Prefill/decode signatures with an external KV cache, and the .litertlm bundle LiteRT-LM apps load."""
+    from litert_torch.generative.export_hf import export as export_hf
+
+    recipe = _recipe(spec)
+    language = model.language
+    work = Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_hf.export(
+                str(_hf_folder(model, destination.parent.parent)), str(work),
+                prefill_lengths=[min(PREFILL_LENGTH, language.max_context - 1)], cache_length=language.max_context,
+                quantization_recipe=recipe, bundle_litert_lm=True, keep_temporary_files=True,
+            )
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(spec.filename, f"litert-torch could not export the language model: {text}") from exc
+    produced = work / ("model_quantized.tflite" if recipe else "model.tflite")
+    produced.replace(destination)
+    bundle = destination.with_suffix(".litertlm")
+    (work / "model.litertlm").replace(bundle)
+    layers = _decoder_layer_report(model, spec, work / "model.tflite", destination)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return Built(layers=layers, details={"recipe": recipe, "prefill_length": min(PREFILL_LENGTH, language.max_context - 1),
+                                         "cache_length": language.max_context},
+                 companions=[bundle.name])
+
+
+def _decoder_layer_report(model: LoadedModel, spec: ArtifactSpec, float_path: Path, quantised_path: Path) -> list[LayerDecision]:
+    plan = plan_layers(model.language.causal_lm, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+    if SCHEMES[spec.quant].weight_bits is None or not float_path.is_file():
+        return plan
+    weights = {name: m.weight.detach().numpy() for name, m in model.language.causal_lm.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    ops = fully_connected_ops(float_path.read_bytes())
+    layer_of = match_layers(ops, weights)
+    scopes = quantised_scopes(quantised_path.read_bytes())
+    found = {layer_of[op["scope"]] for op in ops if op["scope"] in scopes and op["scope"] in layer_of}
+    return [d if not d.quantised or d.name in found else
+            LayerDecision(d.name, d.kind, d.shape, False, "no quantised FULLY_CONNECTED weight found for it")
+            for d in plan]
+
+
+def lm_stepper(path: Path, backend: str = "litert") -> Any:
+    """Drive the decode signature (and prefill for prompts), carrying the KV cache between calls."""
+    interpreter = _interpreter(path=path)
+    signatures = interpreter.get_signature_list()
+    decode = interpreter.get_signature_runner("decode")
+    prefill_name = next((n for n in signatures if n.startswith("prefill")), None)
+    prefill = interpreter.get_signature_runner(prefill_name) if prefill_name else None
+    details = decode.get_input_details()
+    cache_names = sorted(k for k in details if k.startswith("kv_cache"))
+    cache = {k: np.zeros(details[k]["shape"], np.float32) for k in cache_names}
+    cache_len = int(details["mask"]["shape"][-1])
+
+    def mask(positions: np.ndarray) -> np.ndarray:
+        allowed = np.arange(cache_len)[None, :] <= positions[:, None]
+        return np.where(allowed, 0.0, -1e30).astype(np.float32)[None, None]
+
+    def run_decode(token: int, position: int) -> np.ndarray:
+        out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([position], np.int32),
+                     mask=mask(np.array([position])), **cache)
+        cache.update({k: out[k] for k in cache_names})
+        return out["logits"].reshape(-1)
+
+    def run_prefill(tokens: list[int], start: int) -> None:
+        assert prefill is not None
+        width = int(prefill.get_input_details()["tokens"]["shape"][1])
+        for offset in range(0, len(tokens), width):
+            chunk = tokens[offset:offset + width]
+            positions = np.arange(start + offset, start + offset + width)
+            padded = np.array([chunk + [0] * (width - len(chunk))], np.int32)
+            out = prefill(tokens=padded, input_pos=positions.astype(np.int32), mask=mask(positions), **cache)
+            cache.update({k: out[k] for k in cache_names})
+
+    def step(tokens: list[int], start_pos: int) -> np.ndarray:
+        if len(tokens) > 1 and prefill is not None:
+            run_prefill(tokens[:-1], start_pos)
+        elif len(tokens) > 1:
+            for i, token in enumerate(tokens[:-1]):
+                run_decode(token, start_pos + i)
+        return run_decode(tokens[-1], start_pos + len(tokens) - 1)
+
+    return step

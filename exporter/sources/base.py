@@ -17,6 +17,7 @@ from ..errors import SourceError
 class SourceOptions:
     seq_len: int | None = None  # encoders: sequence length of the exported inputs
     batch_size: int = 1
+    context_len: int | None = None  # language models: KV-cache length (prompt + generated tokens)
 
 
 class FlatModule(nn.Module):
@@ -75,6 +76,7 @@ class LoadedModel:
     padding_mask: str | None = None  # input marking real tokens; padded positions are not compared
     make_inputs: Callable[[int], tuple[torch.Tensor, ...]] | None = None  # fresh inputs by seed
     program: torch.export.ExportedProgram | None = field(default=None, repr=False)  # when given traced
+    language: Any = field(default=None, repr=False)  # sources.decoder.Language for causal LMs
 
     def fresh_inputs(self, count: int, seed: int = 1234) -> list[tuple[torch.Tensor, ...]]:
         """Inputs the model was not traced with, so parity is not measured on the sample itself."""

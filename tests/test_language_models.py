@@ -1,0 +1,145 @@
+"""Language models end to end: tiny random models of each architecture, bad inputs, and the real default model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exporter.errors import SourceError
+from exporter.pipeline import export
+from exporter.sources import SourceOptions, load_model
+from exporter.sources.decoder import SUPPORTED
+from exporter.targets import load_target_file
+from tests.conftest import make_tiny_lm, run_cli, smollm2_gguf, write_target
+
+FLOAT_BOTH = """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+max_mean_kl = 0.001
+min_greedy_match = 1.0
+[[artifact]]
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+max_mean_kl = 0.001
+min_greedy_match = 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_lms(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-lms")
+    return {arch: make_tiny_lm(root / f"tiny-{arch}", arch, smollm2_tokenizer_folder) for arch in SUPPORTED
+            if arch != "mistral"}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gpt2", "phi3"])
+def test_tiny_language_model_exports_to_pte_and_tflite_and_generates_like_eager(
+    tiny_lms: dict[str, Path], tmp_path: Path, architecture: str
+) -> None:
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    model = load_model(str(tiny_lms[architecture]), SourceOptions(context_len=128))
+    summary = export(target, model, tmp_path / "dist")
+    for result in summary.results:
+        record = result.record
+        assert result.status == "passed", (record["name"], record.get("failures"), record.get("error"))
+        assert record["parity"]["metrics"]["greedy_match"] == 1.0
+
+
+def test_int8_pte_with_quantised_embedding_reports_every_layer(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    target = load_target_file(write_target(tmp_path, "int8", """
+[[artifact]]
+format = "pte"
+quant = "int8-dynamic"
+embedding_quant = "int8"
+[artifact.parity]
+min_token_agreement = 0.8
+max_mean_kl = 0.1
+"""))
+    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
+    record = summary.results[0].record
+    assert summary.ok, record.get("failures")
+    layers = {d["layer"]: d for d in record["quantisation"]["layers"]}
+    assert layers["model.embed_tokens"]["kind"] == "embedding" and layers["model.embed_tokens"]["quantised"]
+    assert layers["lm_head"]["quantised"]
+    assert record["quantisation"]["float_layers"] == 0
+    assert record["details"]["runner_metadata"]["get_max_context_len"] == 128
+    assert "llama.custom_sdpa.default" in record["details"]["non_delegated_ops"]
+
+
+def test_bundle_is_app_ready(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    summary = export(target, load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)), tmp_path / "dist")
+    folder = summary.folder
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "golden.npz", "manifest.json",
+                 "xnnpack-fp32.pte", "litert-fp32.tflite", "litert-fp32.litertlm"):
+        assert (folder / name).is_file(), name
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["context_length"] == 64 and generation["eos_token_ids"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["golden"]["kind"] == "language-model"
+    companion = manifest["artifacts"][1]["companions"][0]
+    assert companion["file"] == "litert-fp32.litertlm" and len(companion["sha256"]) == 64
+
+
+def test_folder_without_tokenizer_is_refused(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_lms["llama"], bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(SourceError, match="no tokenizer"):
+        load_model(str(bare))
+
+
+def test_context_longer_than_the_model_is_refused(tiny_lms: dict[str, Path]) -> None:
+    with pytest.raises(SourceError, match="--context-len 4096 is larger than the model supports \\(256 positions\\)"):
+        load_model(str(tiny_lms["llama"]), SourceOptions(context_len=4096))
+
+
+def test_unsupported_architecture_lists_supported(tmp_path: Path, smollm2_tokenizer_folder: Path) -> None:
+    folder = tmp_path / "opt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "opt", "architectures": ["OPTForCausalLM"]}))
+    shutil.copy(smollm2_tokenizer_folder / "tokenizer.json", folder)
+    with pytest.raises(SourceError) as caught:
+        load_model(str(folder))
+    assert "architecture 'opt' is not supported" in str(caught.value)
+    assert "llama (Llama (SmolLM/SmolLM2, TinyLlama))" in str(caught.value)
+
+
+def test_truncated_gguf_is_refused(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_gguf(), "rb") as handle:
+        cut.write_bytes(handle.read(5_000_000))
+    with pytest.raises(SourceError, match="truncated"):
+        load_model(str(cut))
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(SourceError, match="not a GGUF file"):
+        load_model(str(fake))
+
+
+@pytest.mark.slow
+def test_default_model_exports_for_android_and_answers_through_executorch(tmp_path: Path) -> None:
+    """The real SmolLM2-135M-Instruct, no --model: what `make export TARGET=android` does."""
+    result = run_cli("export", "--target", "android", "--output", str(tmp_path), "-q", timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "android" / "smollm2-135m-instruct-q4_1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    pte = manifest["artifacts"][0]
+    assert pte["status"] == "passed"
+    assert pte["parity"]["metrics"]["token_agreement"] >= 0.9
+    assert "Paris" in pte["text_llm_runner"]["text"]  # ExecuTorch's own TextLLMRunner, unchanged
+    tflite = manifest["artifacts"][1]
+    assert tflite["status"] == "passed"
+    assert "Paris" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
