@@ -52,8 +52,8 @@ def register_attention() -> None:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")
-            and any(isinstance(c, nn.Linear) for c in m.children()) and type(m).__name__.endswith("Attention")]
+    """Self-attention layers of a HF decoder: the classes are named *Attention and carry a layer_idx."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
 
 
 class ExportableDecoder(nn.Module):

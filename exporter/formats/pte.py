@@ -262,7 +262,12 @@ def run_text_llm_runner(path: Path, tokenizer_json: Path, prompt: str, max_new_t
     config.echo = False
     pieces: list[str] = []
     stats: list[str] = []
-    runner.generate(prompt, config, pieces.append, lambda s: stats.append(s.to_json_string()))
+    try:
+        runner.generate(prompt, config, pieces.append, lambda s: stats.append(s.to_json_string()))
+    except UnicodeDecodeError:
+        # A byte-level token that is not valid UTF-8 on its own: the runner ran, its Python binding
+        # cannot hand the piece over. Apps receive raw bytes and are unaffected.
+        return {"text": None, "note": "generated a partial UTF-8 piece the Python binding cannot decode"}
     report = json.loads(stats[-1]) if stats else {}
     return {"text": "".join(pieces), "prefill_tokens_per_s": report.get("prefill_token_per_sec"),
             "decode_tokens_per_s": report.get("decode_token_per_sec"), "prompt_tokens": report.get("prompt_tokens"),

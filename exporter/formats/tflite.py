@@ -189,8 +189,10 @@ def load(path: Path, backend: str = "litert") -> Runner:
 
 
 def inspect(path: Path) -> Signature:
+    """The signature a caller runs: the only one, or ``decode`` for language models (per generated token)."""
     interpreter = _interpreter(path=path)
-    runner = interpreter.get_signature_runner()
+    names = list(interpreter.get_signature_list())
+    runner = interpreter.get_signature_runner("decode" if "decode" in names and len(names) > 1 else names[0])
 
     def specs(details: dict[str, Any]) -> tuple[TensorSpec, ...]:
         ordered = sorted(details, key=lambda k: int(re.sub(r"\D", "", k) or 0))
@@ -202,6 +204,7 @@ def inspect(path: Path) -> Signature:
 
 # --- language models -------------------------------------------------------------------------------
 
+LITERT_LM_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3"}  # exported and checked by edgeship's tests
 PREFILL_LENGTH = 64  # prompt tokens the prefill signature takes at once; longer prompts go in chunks
 _RECIPES = {"fp32": None, "int8-dynamic": "dynamic_wi8_afp32", "int8-weight": "weight_only_wi8_afp32"}
 _hf_folders: dict[str, Path] = {}  # model fingerprint -> HF folder litert-torch reads (GGUFs are saved once)
@@ -238,6 +241,10 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     """Prefill/decode signatures with an external KV cache, and the .litertlm bundle LiteRT-LM apps load."""
     from litert_torch.generative.export_hf import export as export_hf
 
+    if model.language.architecture not in LITERT_LM_ARCHITECTURES:
+        raise ConversionError(spec.filename, f"litert-torch's LLM exporter does not support {model.language.architecture} "
+                                             f"(it handles {', '.join(sorted(LITERT_LM_ARCHITECTURES))}); "
+                                             "the .pte artifacts cover this model")
     recipe = _recipe(spec)
     language = model.language
     work = Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent))

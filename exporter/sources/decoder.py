@@ -20,7 +20,7 @@ from .hf import load_weights_checked, model_name, read_config, weights_fingerpri
 
 # model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
-             "gpt2": "GPT-2", "phi3": "Phi-3", "mistral": "Mistral"}
+             "gpt2": "GPT-2", "phi3": "Phi-3"}
 DEFAULT_CONTEXT = 512
 # GGUF tensor types transformers can dequantise (gguf.GGMLQuantizationType names).
 GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -73,9 +73,27 @@ def _eos_ids(tokenizer: Any, config: Any, generation: dict[str, Any]) -> list[in
     return ids
 
 
+def linears_from_conv1d(model: nn.Module) -> int:
+    """GPT-2 keeps its projections in HF's Conv1D (a transposed linear); make them nn.Linear so that every
+    backend's linear quantisation and the layer report see them. Exactly the same function."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+                linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(parent, name, linear)
+                swapped += 1
+    return swapped
+
+
 def _finish(causal_lm: nn.Module, tokenizer: Any, name: str, source: dict[str, Any], print_: str,
             options: SourceOptions, where: str, generation: dict[str, Any]) -> LoadedModel:
     causal_lm.eval().requires_grad_(False)
+    linears_from_conv1d(causal_lm)
     config = causal_lm.config
     max_context = _context(config, options, where)
     language = Language(
