@@ -16,6 +16,8 @@ OUTPUT ?= dist
 ARGS ?=
 PYTEST_ARGS ?=
 
+BENCH_RUNS ?= 3
+
 .PHONY: help env system-packages export targets validate test test-fast bench clean distclean
 
 help:
@@ -28,7 +30,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "edgeship: installing the toolchain into $(VENV) (first run only, about 2 minutes)"
-	@$(PIP) torch==2.13.0   # first and alone: anything else could pull a CUDA build
+	@$(PIP) torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)  # first and alone: a range could pull CUDA
 	@$(PIP) -c constraints.txt -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
 	@touch $@
 
@@ -52,6 +54,11 @@ test: $(STAMP) system-packages
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Export (reused when unchanged), then time every artifact against eager PyTorch, alternating engines.
+bench: $(STAMP)
+	@manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) -q $(ARGS) | tail -1); \
+	$(BIN)/python -m exporter.bench "$$(dirname "$$manifest")" $(BENCH_RUNS)
 
 clean:
 	rm -rf $(OUTPUT) .pytest_cache

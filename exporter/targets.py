@@ -64,7 +64,8 @@ class ArtifactSpec:
     deployment_target: str | None
     skip_layers: tuple[str, ...]
     parity: Parity
-    embedding_quant: str | None = None  # language models: "int8" or "int4" embedding tables
+    embedding_quant: str | None = None  # language models: "int8" embedding table
+    smoothing: float | None = None  # language models: SmoothQuant alpha before int8 dynamic activations
 
     @property
     def filename(self) -> str:
@@ -76,7 +77,7 @@ class ArtifactSpec:
             "name": self.name, "format": self.format.value, "backend": self.backend, "quant": self.quant,
             "group_size": self.group_size, "compute_precision": self.compute_precision,
             "deployment_target": self.deployment_target, "skip_layers": list(self.skip_layers),
-            "embedding_quant": self.embedding_quant,
+            "embedding_quant": self.embedding_quant, "smoothing": self.smoothing,
         }
 
 
@@ -93,10 +94,10 @@ _TOP_KEYS = {"description": str, "artifact": list}
 _ARTIFACT_KEYS = {
     "name": str, "format": str, "backend": str, "quant": str, "group_size": int,
     "compute_precision": str, "deployment_target": str, "skip_layers": list, "parity": dict,
-    "embedding_quant": str,
+    "embedding_quant": str, "smoothing": float,
 }
 _PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
-_EMBEDDING_QUANTS = ("int8", "int4")
+_EMBEDDING_QUANTS = ("int8",)
 
 
 def _type_name(expected: type) -> str:
@@ -164,6 +165,12 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
             raise TargetError(
                 f"{where}: block-wise Core ML weights (group_size) need deployment_target = \"iOS18\" or later"
             )
+    smoothing = raw.get("smoothing")
+    if smoothing is not None:
+        if not scheme.dynamic_activations:
+            raise TargetError(f"{where}: smoothing only helps schemes with int8 dynamic activations, not '{quant}'; remove it")
+        if not 0.0 < smoothing < 1.0:
+            raise TargetError(f"{where}: smoothing is SmoothQuant's alpha and must be between 0 and 1, got {smoothing}")
     embedding_quant = raw.get("embedding_quant")
     if embedding_quant is not None:
         _choice(embedding_quant, _EMBEDDING_QUANTS, where, "embedding_quant")
@@ -179,6 +186,7 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
         name=name, format=fmt, backend=backend, quant=quant, group_size=group_size,
         compute_precision=precision, deployment_target=deployment, skip_layers=tuple(skip_layers),
         parity=Parity(**{k: float(v) for k, v in parity_raw.items()}), embedding_quant=embedding_quant,
+        smoothing=float(smoothing) if smoothing is not None else None,
     )
 
 

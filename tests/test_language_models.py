@@ -146,3 +146,18 @@ def test_default_model_exports_for_android_and_answers_through_executorch(tmp_pa
     tflite = manifest["artifacts"][1]
     assert tflite["status"] == "passed"
     assert "Paris" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
+
+
+def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    from exporter.bench import bench, render
+
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
+    result = bench(summary.folder, runs=1)
+    rows = {row["engine"]: row for row in result["rows"]}
+    assert set(rows) == {"eager", "xnnpack-fp32", "litert-fp32"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+    assert rows["xnnpack-fp32"]["token_agreement"] >= 0.99
+    assert "xnnpack-fp32 |" in render(result)

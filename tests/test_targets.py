@@ -45,6 +45,8 @@ BAD = {
     "no_artifacts": "no [[artifact]] tables",
     "duplicate_names": "'xnnpack-fp32' appears twice",
     "not_toml": "not valid TOML",
+    "smoothing_without_dynamic": "smoothing only helps schemes with int8 dynamic activations, not 'fp32'",
+    "smoothing_out_of_range": "must be between 0 and 1, got 1.5",
 }
 
 

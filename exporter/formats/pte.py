@@ -216,6 +216,15 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
         name = llm.quantise_embedding(causal_lm, group)
         layers.append(LayerDecision(f"inner.{name}", "embedding", shape, True,
                                     f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
+    details_extra: dict[str, Any] = {}
+    if spec.smoothing:
+        from ..smoothing import smooth
+
+        if causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
+            head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        details_extra["smoothing"] = {"alpha": spec.smoothing,
+                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing)}
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
     decoder, linear_layers = quantise(decoder, spec, in_place=True)
     layers += linear_layers
@@ -229,7 +238,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     buffer, details = lower(program, spec, check_ir_validity=False, constant_methods=metadata)
     destination.write_bytes(buffer)
     details["runner_metadata"] = metadata
-    return Built(layers=layers, details=details)
+    return Built(layers=layers, details={**details, **details_extra})
 
 
 def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:

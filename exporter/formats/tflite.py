@@ -8,9 +8,11 @@ converter folds neighbouring scales (LayerNorm gamma, attention scaling) into th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -219,22 +221,33 @@ def _recipe(spec: ArtifactSpec) -> str | None:
                                          f"(group {spec.group_size}); use int8-dynamic, int8-weight or 8da4w with group 32/64")
 
 
-def _hf_folder(model: LoadedModel, scratch: Path) -> Path:
+def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
+    """The HF folder litert-torch reads: the source folder itself, or fp32 weights written once
+    (a GGUF source, or weights smoothed for this artifact)."""
     source = model.source
-    if source["kind"] == "hf-folder":
+    if source["kind"] == "hf-folder" and not smoothing:
         return Path(source["path"])
-    if model.fingerprint not in _hf_folders:
+    key = f"{model.fingerprint}:{smoothing}"
+    if key not in _hf_folders:
         from safetensors.torch import save_model
 
-        folder = Path(tempfile.mkdtemp(prefix="edgeship-hf-", dir=scratch))
+        folder = Path(tempfile.mkdtemp(prefix="edgeship-hf-"))
+        atexit.register(shutil.rmtree, folder, True)
         # transformers refuses save_pretrained on a model loaded from GGUF; the dequantised fp32 weights
         # and the config are all litert-torch needs (save_model stores tied weights once).
         causal_lm = model.language.causal_lm
+        if smoothing:
+            import copy
+
+            from ..smoothing import smooth
+
+            causal_lm = copy.deepcopy(causal_lm)  # a tied lm_head stays tied (and unsmoothed): see smoothing
+            smooth(causal_lm, model.language.tokenizer, smoothing)
         causal_lm.config.save_pretrained(folder)
         save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
         model.language.tokenizer.save_pretrained(folder)
-        _hf_folders[model.fingerprint] = folder
-    return _hf_folders[model.fingerprint]
+        _hf_folders[key] = folder
+    return _hf_folders[key]
 
 
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
@@ -251,7 +264,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             export_hf.export(
-                str(_hf_folder(model, destination.parent.parent)), str(work),
+                str(_hf_folder(model, spec.smoothing)), str(work),
                 prefill_lengths=[min(PREFILL_LENGTH, language.max_context - 1)], cache_length=language.max_context,
                 quantization_recipe=recipe, bundle_litert_lm=True, keep_temporary_files=True,
             )
@@ -263,11 +276,9 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     bundle = destination.with_suffix(".litertlm")
     (work / "model.litertlm").replace(bundle)
     layers = _decoder_layer_report(model, spec, work / "model.tflite", destination)
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     return Built(layers=layers, details={"recipe": recipe, "prefill_length": min(PREFILL_LENGTH, language.max_context - 1),
-                                         "cache_length": language.max_context},
+                                         "cache_length": language.max_context, "smoothing": spec.smoothing},
                  companions=[bundle.name])
 
 

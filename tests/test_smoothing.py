@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from exporter.smoothing import smooth
+from exporter.sources import SourceOptions, load_model
+from tests.conftest import make_tiny_lm
+
+
+def test_smoothing_is_exact_in_float_and_flattens_activation_outliers(tmp_path: Path, smollm2_tokenizer_folder: Path) -> None:
+    folder = make_tiny_lm(tmp_path / "tiny-llama", "llama", smollm2_tokenizer_folder)
+    language = load_model(str(folder), SourceOptions(context_len=64)).language
+    model = copy.deepcopy(language.causal_lm)
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie, as the .pte does
+    with torch.no_grad():
+        # An outlier channel, as trained LLMs have: smoothing must move it from activations to weights.
+        model.model.layers[0].input_layernorm.weight[5] = 40.0
+    ids = torch.tensor([language.tokenizer("The lighthouse keeper climbed the stairs.")["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    rescaled = smooth(model, language.tokenizer, 0.5)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert rescaled == 2 * 6 + 1  # per layer q, k, v, gate, up, down; then the lm_head
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    assert float(model.model.layers[0].input_layernorm.weight[5]) < 40.0 / 2
+
+
+def test_tied_lm_head_is_left_alone(tmp_path: Path, smollm2_tokenizer_folder: Path) -> None:
+    folder = make_tiny_lm(tmp_path / "tiny-qwen2", "qwen2", smollm2_tokenizer_folder)
+    language = load_model(str(folder), SourceOptions(context_len=64)).language
+    model = copy.deepcopy(language.causal_lm)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    assert smooth(model, language.tokenizer, 0.5) == 2 * 6
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
