@@ -15,10 +15,12 @@ MODEL ?=
 OUTPUT ?= dist
 ARGS ?=
 PYTEST_ARGS ?=
+DEVICES ?= devices.toml
+DEVICE ?=
 
 BENCH_RUNS ?= 3
 
-.PHONY: help env system-packages export targets validate test test-fast bench clean distclean
+.PHONY: help env system-packages export targets validate test test-fast bench device-test devices-check clean distclean
 
 help:
 	@echo "make export TARGET=android [MODEL=path] [OUTPUT=dist] [ARGS='--only pte']"
@@ -59,6 +61,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) -q $(ARGS) | tail -1); \
 	$(BIN)/python -m exporter.bench "$$(dirname "$$manifest")" $(BENCH_RUNS)
+
+# Export (reused when unchanged), then run it on every device of the inventory that serves TARGET.
+device-test: $(STAMP)
+	@manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) -q $(ARGS) | tail -1); \
+	$(BIN)/edgeship device-test "$$(dirname "$$manifest")" --devices $(DEVICES) $(if $(DEVICE),--device $(DEVICE))
+
+devices-check: $(STAMP)
+	$(BIN)/edgeship devices check --devices $(DEVICES)
 
 clean:
 	rm -rf $(OUTPUT) .pytest_cache

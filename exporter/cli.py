@@ -55,6 +55,29 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="re-run the parity check on an existing export folder")
     validate.add_argument("folder", help="an export folder holding manifest.json")
+
+    def device_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--devices", default="devices.toml", help="the device inventory (default devices.toml)")
+        sub.add_argument("--device", default="", help="comma-separated device names (default: all serving the target)")
+        sub.add_argument("--trust-new-hosts", action="store_true",
+                         help="accept and remember SSH host keys not yet in known_hosts (never the default)")
+        sub.add_argument("--known-hosts", default=None, help="known_hosts file (default ~/.ssh/known_hosts)")
+
+    device_test = commands.add_parser("device-test", help="run an export on devices: latency and correctness")
+    device_test.add_argument("folder", help="an export folder holding manifest.json")
+    device_options(device_test)
+    device_test.add_argument("--iterations", type=int, default=50, help="timed iterations per artifact (default 50)")
+    device_test.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations (default 3)")
+    device_test.add_argument("--time-budget", type=float, default=60.0, help="stop timing after this many seconds")
+    device_test.add_argument("--results", default="results", help="where run folders go (default results/)")
+
+    devices = commands.add_parser("devices", help="inspect the device inventory")
+    devices_commands = devices.add_subparsers(dest="devices_command", required=True, metavar="command")
+    check = devices_commands.add_parser("check", help="reachability, arch, OS, free disk, runtimes present")
+    device_options(check)
+
+    report = commands.add_parser("report", help="re-render a device run's report")
+    report.add_argument("run", help="a run folder under results/")
     return parser
 
 
@@ -74,6 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             from .commands import validate_command
 
             return validate_command(Path(args.folder))
+        if args.command == "device-test":
+            from device_tests.commands import device_test_command
+
+            return device_test_command(args)
+        if args.command == "devices":
+            from device_tests.commands import devices_check_command
+
+            return devices_check_command(args)
+        if args.command == "report":
+            from device_tests.commands import report_command
+
+            return report_command(args)
     except EdgeshipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

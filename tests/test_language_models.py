@@ -62,6 +62,7 @@ def test_int8_pte_with_quantised_embedding_reports_every_layer(tiny_lms: dict[st
 format = "pte"
 quant = "int8-dynamic"
 embedding_quant = "int8"
+smoothing = 0.5
 [artifact.parity]
 min_token_agreement = 0.8
 max_mean_kl = 0.1
@@ -75,6 +76,7 @@ max_mean_kl = 0.1
     assert record["quantisation"]["float_layers"] == 0
     assert record["details"]["runner_metadata"]["get_max_context_len"] == 128
     assert "llama.custom_sdpa.default" in record["details"]["non_delegated_ops"]
+    assert record["details"]["smoothing"] == {"alpha": 0.5, "rescaled_linears": 2 * 6 + 1}
 
 
 def test_bundle_is_app_ready(tiny_lms: dict[str, Path], tmp_path: Path) -> None:

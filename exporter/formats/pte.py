@@ -207,6 +207,15 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     language = model.language
     causal_lm = copy.deepcopy(language.causal_lm)
     layers: list[LayerDecision] = []
+    details_extra: dict[str, Any] = {}
+    if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
+        from ..smoothing import smooth
+
+        if causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
+            head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        details_extra["smoothing"] = {"alpha": spec.smoothing,
+                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing)}
     if spec.embedding_quant:
         embedding = causal_lm.get_input_embeddings()
         shape = tuple(embedding.weight.shape)
@@ -216,15 +225,6 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
         name = llm.quantise_embedding(causal_lm, group)
         layers.append(LayerDecision(f"inner.{name}", "embedding", shape, True,
                                     f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
-    details_extra: dict[str, Any] = {}
-    if spec.smoothing:
-        from ..smoothing import smooth
-
-        if causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
-            head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
-            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        details_extra["smoothing"] = {"alpha": spec.smoothing,
-                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing)}
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
     decoder, linear_layers = quantise(decoder, spec, in_place=True)
     layers += linear_layers

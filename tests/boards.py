@@ -1,0 +1,111 @@
+"""Real boards for the harness tests: an OpenSSH server on loopback per board, each with its own
+host key, authorized key, work folder and Python environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+@dataclass
+class Board:
+    name: str
+    folder: Path
+    port: int
+    python: str
+    client_key: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def host_public_key(self) -> str:
+        return (self.folder / "host_ed25519.pub").read_text().split()[1]
+
+    def known_hosts_line(self) -> str:
+        return f"[127.0.0.1]:{self.port} ssh-ed25519 {self.host_public_key}\n"
+
+    def start(self) -> Board:
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+        config = self.folder / "sshd_config"
+        config.write_text(f"""Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {self.folder}/host_ed25519
+AuthorizedKeysFile {self.folder}/authorized_keys
+PidFile {self.folder}/sshd.pid
+Subsystem sftp /usr/lib/openssh/sftp-server
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+LogLevel ERROR
+""")
+        self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"sshd for {self.name} did not start")
+
+    def stop(self) -> None:
+        """Kill the board's sshd and every session and command under it (a board losing power)."""
+        if self.process is not None:
+            for pid in [*descendants(self.process.pid), self.process.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (sshd puts each session in a session of its own, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def make_board(root: Path, name: str, python: str, client_key: Path) -> Board:
+    folder = root / name
+    folder.mkdir(parents=True)
+    keygen(folder / "host_ed25519")
+    (folder / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
+    return Board(name, folder, free_port(), python, client_key).start()
+
+
+def make_python_env(folder: Path, *packages: str) -> str:
+    """A board's own Python environment (its runtime installed from the package registry)."""
+    subprocess.run(["python3", "-m", "venv", str(folder)], check=True)
+    subprocess.run([str(folder / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", *packages],
+                   check=True, capture_output=True)
+    return str(folder / "bin" / "python")
