@@ -23,6 +23,8 @@ def _quiet_toolchain(verbose: bool) -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    # transformers' own docstring self-checks log at ERROR when litert-torch imports its model extensions
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "critical")
     import logging
     import warnings
 

@@ -56,10 +56,23 @@ class ExportSummary:
 
 
 def artifact_key(model: LoadedModel, spec: ArtifactSpec, toolchain: dict[str, str]) -> str:
-    """Everything that changes an artifact's bytes or its verdict; equal keys mean reuse."""
-    payload = json.dumps({"model": model.fingerprint, "spec": spec.canonical(), "parity": vars(spec.parity),
-                          "golden_sets": GOLDEN_SETS, "tools": toolchain}, sort_keys=True)
+    """Everything that changes an artifact's bytes or its measured metrics; equal keys mean reuse.
+
+    Thresholds are not in it: a changed threshold re-judges the stored metrics without a rebuild.
+    """
+    payload = json.dumps({"model": model.fingerprint, "spec": spec.canonical(), "golden_sets": GOLDEN_SETS,
+                          "tools": toolchain, "data": _data_fingerprint()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _data_fingerprint() -> str:
+    """Evaluation text, prompts and calibration text: changing any of them changes verdicts or bytes."""
+    from importlib import resources
+
+    digest = hashlib.sha256()
+    for name in ("eval_text.txt", "prompts.txt", "calibration_text.txt"):
+        digest.update(resources.files("exporter.data").joinpath(name).read_bytes())
+    return digest.hexdigest()
 
 
 def fp32_size(model: LoadedModel) -> int:
@@ -103,7 +116,8 @@ def export(
         key = artifact_key(model, spec, tools)
         reused = _reusable(folder, spec, key, previous_records.get(spec.name))
         if reused is not None:
-            progress.say(f"{spec.filename}: unchanged since the last export, reused")
+            reused = _rejudge(reused, spec)
+            progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
             results.append(ArtifactResult(spec, reused["status"], reused))
             continue
         if program is None and model.language is None:
@@ -178,8 +192,19 @@ def _trace(model: LoadedModel) -> torch.export.ExportedProgram:
                           f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
 
 
+def _rejudge(record: dict[str, Any], spec: ArtifactSpec) -> dict[str, Any]:
+    """Hold a reused artifact's stored metrics to the target's current thresholds."""
+    record = dict(record, thresholds={k: v for k, v in vars(spec.parity).items() if v is not None})
+    metrics = (record.get("parity") or {}).get("metrics")
+    if metrics is not None and record.get("status") in ("passed", "failed"):
+        record["parity"] = judge(metrics, spec.parity)
+        record["status"] = "passed" if record["parity"]["passed"] else "failed"
+        record["failures"] = record["parity"]["failures"]
+    return record
+
+
 def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not record or record.get("key") != key or record.get("status") not in OK_STATUSES:
+    if not record or record.get("key") != key or record.get("status") not in ("passed", "failed", "pending-mac"):
         return None
     path = folder / spec.filename
     if not path.exists() or files.sha256_of(path) != record.get("sha256"):

@@ -3,6 +3,7 @@ environment, driven by Fabric. Faults are caused for real (wrong key, crash, han
 
 from __future__ import annotations
 
+import getpass
 import json
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def spec(board: Board, lab: dict, name: str | None = None, **overrides) -> DeviceSpec:
     fields = {"name": name or board.name, "transport": "ssh", "host": "127.0.0.1", "port": board.port,
-              "user": "root", "key": str(lab["root"] / "client_key"), "python": board.python,
+              "user": getpass.getuser(), "key": str(lab["root"] / "client_key"), "python": board.python,
               "workdir": str(lab["root"] / "work" / (name or board.name)), "timeout": 60}
     fields.update(overrides)
     return DeviceSpec(**fields)
@@ -212,7 +213,7 @@ name = "{board.name}"
 transport = "ssh"
 host = "127.0.0.1"
 port = {board.port}
-user = "root"
+user = "{getpass.getuser()}"
 key = "{lab['root'] / 'client_key'}"
 python = "{board.python}"
 workdir = "{tmp_path / 'work' / board.name}"
@@ -250,7 +251,7 @@ name = "bare board"
 transport = "ssh"
 host = "127.0.0.1"
 port = {lab['boards']['bare'].port}
-user = "root"
+user = "{getpass.getuser()}"
 key = "{lab['root'] / 'client_key'}"
 python = "{lab['boards']['bare'].python}"
 workdir = "{tmp_path / 'work'}"

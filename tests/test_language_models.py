@@ -135,7 +135,7 @@ def test_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_model_exports_for_android_and_answers_through_executorch(tmp_path: Path) -> None:
+def test_default_model_exports_for_android_and_answers_through_both_runtimes(tmp_path: Path) -> None:
     """The real SmolLM2-135M-Instruct, no --model: what `make export TARGET=android` does."""
     result = run_cli("export", "--target", "android", "--output", str(tmp_path), "-q", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,11 +143,13 @@ def test_default_model_exports_for_android_and_answers_through_executorch(tmp_pa
     manifest = json.loads((folder / "manifest.json").read_text())
     pte = manifest["artifacts"][0]
     assert pte["status"] == "passed"
-    assert pte["parity"]["metrics"]["token_agreement"] >= 0.88
-    assert "Paris" in pte["text_llm_runner"]["text"]  # ExecuTorch's own TextLLMRunner, unchanged
+    assert pte["parity"]["metrics"]["token_agreement"] >= 0.9 and pte["parity"]["metrics"]["mean_kl"] <= 0.03
+    # "What is the capital of Japan?": the eager model answers it decisively (see README on near-ties)
+    assert "Tokyo" in pte["text_llm_runner"]["text"]  # ExecuTorch's own TextLLMRunner, unchanged
+    assert "Tokyo" in pte["generations"][0]
     tflite = manifest["artifacts"][1]
     assert tflite["status"] == "passed"
-    assert "Paris" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
+    assert "Tokyo" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
 
 
 def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_path: Path) -> None:

@@ -117,3 +117,15 @@ def test_only_matching_nothing_is_an_error(tmp_path: Path) -> None:
     target = load_target_file(write_target(tmp_path, "two", TWO))
     with pytest.raises(ExportError, match="--only onnx matches no artifact"):
         export(target, load_model(MLP), tmp_path / "dist", only=("onnx",))
+
+
+def test_a_changed_threshold_rejudges_stored_metrics_without_rebuilding(tmp_path: Path) -> None:
+    first = export(load_target_file(write_target(tmp_path, "two", TWO)), load_model(MLP), tmp_path / "dist")
+    pte = first.folder / "xnnpack-int8-dynamic.pte"
+    stamp = pte.stat().st_mtime_ns
+    stricter = TWO.replace("min_cosine = 0.999\n", "min_cosine = 0.999\nmax_abs_error = 1e-9\n", 1)
+    second = export(load_target_file(write_target(tmp_path, "two", stricter)), load_model(MLP), tmp_path / "dist")
+    assert pte.stat().st_mtime_ns == stamp
+    assert second.results[0].status == "failed"
+    assert second.results[0].record["failures"][0].startswith("max_abs_error ")
+    assert second.results[0].record["thresholds"]["max_abs_error"] == 1e-9
