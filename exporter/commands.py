@@ -109,19 +109,27 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
+# metric key -> label in the summary table, in the order shown; each artifact shows the ones it has.
+_SHOWN_METRICS = {"cosine": "cosine", "max_abs_error": "max err", "top1": "top-1", "token_agreement": "top-1",
+                  "mean_kl": "KL", "greedy_match": "greedy"}
+
+
+def _parity_cell(record: dict[str, Any]) -> str:
+    metrics = (record.get("parity") or {}).get("metrics", {})
+    shown = [f"{label} {metrics[key]:.4g}" for key, label in _SHOWN_METRICS.items() if key in metrics]
+    return ", ".join(shown) or ("pending a Mac" if record.get("status") == "pending-mac" else "-")
+
+
 def render_table(records: list[dict[str, Any]], fp32_bytes: int) -> str:
     """One line per artifact: size, ratio to fp32 weights, parity metrics, time, verdict."""
-    rows = [("artifact", "size MB", "vs fp32", "max abs err", "cosine", "top-1", "time s", "status")]
+    rows = [("artifact", "size MB", "vs fp32", "parity vs eager", "time s", "status")]
     for r in records:
-        metrics = (r.get("parity") or {}).get("metrics", {})
         size = r.get("size")
         rows.append((
             r["file"],
             _fmt(size / 1e6 if size else None, 3),
             f"{size / fp32_bytes:.2f}x" if size and fp32_bytes else "-",
-            _fmt(metrics.get("max_abs_error")),
-            _fmt(metrics.get("cosine"), 6),
-            _fmt(metrics.get("top1"), 3),
+            _parity_cell(r),
             _fmt(r.get("seconds"), 3),
             r.get("status", "?"),
         ))

@@ -76,7 +76,13 @@ def _data_fingerprint() -> str:
 
 
 def fp32_size(model: LoadedModel) -> int:
-    return sum(p.numel() * 4 for p in model.module.state_dict().values() if p.is_floating_point())
+    """Bytes of the model's weights in fp32, each stored tensor once (a tied embedding/lm_head counts once)."""
+    seen, total = set(), 0
+    for tensor in model.module.state_dict().values():
+        if tensor.is_floating_point() and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * 4
+    return total
 
 
 def export(
