@@ -1,0 +1,91 @@
+"""CLI commands of the device harness."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from exporter.errors import DeviceError
+
+from .harness import Settings, run_devices
+from .inventory import load_inventory
+from .report import render_markdown, write_report
+from .transport import SshDevice
+
+
+def _select(args: argparse.Namespace, target: str | None = None) -> list:
+    devices = load_inventory(Path(args.devices))
+    if args.device:
+        wanted = [n.strip() for n in args.device.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in {d.name for d in devices}]
+        if unknown:
+            raise DeviceError(f"{args.devices}: no device named {', '.join(unknown)} "
+                              f"(devices: {', '.join(d.name for d in devices)})")
+        devices = [d for d in devices if d.name in wanted]
+    elif target:
+        devices = [d for d in devices if not d.targets or target in d.targets]
+    unsupported = [d.name for d in devices if d.transport != "ssh"]
+    if unsupported:
+        raise DeviceError(f"{', '.join(unsupported)}: the adb and mac transports are not implemented yet; "
+                          "select ssh devices with --device")
+    if not devices:
+        raise DeviceError(f"{args.devices}: no device serves target {target}")
+    return devices
+
+
+def device_test_command(args: argparse.Namespace) -> int:
+    from exporter import manifest
+
+    folder = Path(args.folder)
+    data = manifest.require(folder)
+    devices = _select(args, data["target"]["name"])
+    settings = Settings(iterations=args.iterations, warmup=args.warmup, time_budget_s=args.time_budget,
+                        trust_new_hosts=args.trust_new_hosts,
+                        known_hosts=Path(args.known_hosts) if args.known_hosts else None)
+    run_folder, outcomes = run_devices(devices, folder, Path(args.results), settings)
+    report = write_report(run_folder)
+    print(report.read_text())
+    print(f"{run_folder}")
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in failed:
+        print(f"error: {outcome.device}: {outcome.reason}", file=sys.stderr)
+    if failed:
+        again = " ".join(["edgeship", "device-test", shlex.quote(str(folder)), "--devices", shlex.quote(args.devices),
+                          "--device", shlex.quote(",".join(o.device for o in failed))])
+        print(f"re-run only the failed devices: {again}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def devices_check_command(args: argparse.Namespace) -> int:
+    from . import runner as runner_module
+
+    failed = 0
+    for spec in _select(args):
+        device = SshDevice(spec, known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+                           trust_new_hosts=args.trust_new_hosts)
+        try:
+            device.run(f"mkdir -p {shlex.quote(spec.workdir)}")
+            device.put(Path(runner_module.__file__), f"{spec.workdir.rstrip('/')}/runner.py")
+            facts = json.loads(device.run(f"{shlex.quote(spec.python)} {shlex.quote(spec.workdir.rstrip('/') + '/runner.py')} "
+                                          f"--facts {shlex.quote(spec.workdir)}").stdout)
+            runtimes = ", ".join(f"{k} {v}" for k, v in facts["runtimes"].items()) or "none"
+            print(f"{spec.name}: reachable, {facts['arch']} {facts['os']} {facts['release']}, Python {facts['python']}, "
+                  f"NumPy {facts['numpy']}, {facts['free_bytes'] / 1e9:.1f} GB free, runtimes: {runtimes}")
+        except DeviceError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+        finally:
+            device.close()
+    return 1 if failed else 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    folder = Path(args.run)
+    if not (folder / "run.json").is_file():
+        raise DeviceError(f"{folder}: not a device run folder (no run.json)")
+    print(render_markdown(folder))
+    write_report(folder)
+    return 0

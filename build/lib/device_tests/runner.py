@@ -1,0 +1,199 @@
+"""edgeship's on-device runner. Self-contained: stdlib, NumPy and whichever runtime the device has
+(ai_edge_litert or tflite_runtime for .tflite, executorch for .pte). Nothing from the host toolchain.
+
+  python runner.py --facts                 device facts as JSON
+  python runner.py --hashes FILE...        sha256 of files already on the device
+  python runner.py job.json                run the job, write result.json next to it, print it
+"""
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+
+RUNNER_VERSION = "1"
+
+
+def _import(name):
+    try:
+        module = __import__(name, fromlist=["_"])
+        return module
+    except Exception:  # a broken install counts as absent
+        return None
+
+
+def runtimes():
+    found = {}
+    for module, label in (("ai_edge_litert.interpreter", "ai_edge_litert"), ("tflite_runtime.interpreter", "tflite_runtime"),
+                          ("executorch.runtime", "executorch")):
+        if _import(module) is not None:
+            top = _import(label)
+            found[label] = getattr(top, "__version__", "?")
+    return found
+
+
+def facts(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    numpy = _import("numpy")
+    return {"runner_version": RUNNER_VERSION, "arch": platform.machine(), "os": platform.system(),
+            "release": platform.release(), "python": platform.python_version(),
+            "numpy": getattr(numpy, "__version__", None), "free_bytes": shutil.disk_usage(workdir).free,
+            "cpus": os.cpu_count(), "runtimes": runtimes()}
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tflite_runner(path):
+    module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
+    interpreter = module.Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    runner = interpreter.get_signature_runner()
+    inputs = runner.get_input_details()
+    names = sorted(inputs, key=lambda k: int("".join(c for c in k if c.isdigit()) or 0))
+    outputs = sorted(runner.get_output_details(), key=lambda k: int("".join(c for c in k if c.isdigit()) or 0))
+
+    def run(values):
+        result = runner(**{n: v.astype(inputs[n]["dtype"]) for n, v in zip(names, values)})
+        return [result[n] for n in outputs]
+
+    return run
+
+
+def pte_runner(path):
+    import numpy as np
+    import torch
+    from executorch.runtime import Runtime
+
+    for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
+        _import(extension)
+    method = Runtime.get().load_program(path).load_method("forward")
+
+    def run(values):
+        return [np.asarray(o) for o in method.execute([torch.from_numpy(np.ascontiguousarray(v)) for v in values])]
+
+    return run
+
+
+def compare(expected, actual, names, logits, mask):
+    import numpy as np
+
+    max_abs, cosines, agree, total = 0.0, [], 0, 0
+    for name, want, got in zip(names, expected, actual):
+        want = np.asarray(want, np.float64)
+        got = np.asarray(got, np.float64).reshape(want.shape)
+        if mask is not None and want.ndim >= 2 and want.shape[:2] == mask.shape:
+            want, got = want[mask.astype(bool)], got[mask.astype(bool)]
+        if want.size:
+            max_abs = max(max_abs, float(np.max(np.abs(want - got))))
+        norm = float(np.linalg.norm(want) * np.linalg.norm(got))
+        cosines.append(float(np.dot(want.ravel(), got.ravel()) / norm) if norm else 1.0)
+        if name in logits:
+            agree += int(np.sum(want.argmax(-1) == got.argmax(-1)))
+            total += want.argmax(-1).size
+    return max_abs, min(cosines) if cosines else 1.0, (agree, total)
+
+
+def percentile(sorted_values, q):
+    index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def run_artifact(artifact, job, golden):
+    import numpy as np
+
+    path = os.path.join(job["workdir"], artifact["file"])
+    began = time.perf_counter()
+    run = tflite_runner(path) if artifact["format"] == "tflite" else pte_runner(path)
+    load_ms = (time.perf_counter() - began) * 1000
+    sets = job["golden_sets"]
+    first = [golden["set0.input." + n] for n in job["inputs"]]
+    began = time.perf_counter()
+    run(first)
+    first_ms = (time.perf_counter() - began) * 1000
+    for _ in range(job["warmup"]):
+        run(first)
+    timings = []
+    deadline = time.perf_counter() + job["time_budget_s"]
+    while len(timings) < job["iterations"] and time.perf_counter() < deadline:
+        began = time.perf_counter()
+        run(first)
+        timings.append((time.perf_counter() - began) * 1000)
+    timings.sort()
+    worst_abs, worst_cos, agree, total, outputs = 0.0, 1.0, 0, 0, {}
+    for index in range(sets):
+        inputs = [golden["set%d.input.%s" % (index, n)] for n in job["inputs"]]
+        expected = [golden["set%d.output.%s" % (index, n)] for n in job["outputs"]]
+        actual = run(inputs)
+        mask = golden.get("set%d.input.%s" % (index, job["padding_mask"])) if job.get("padding_mask") else None
+        max_abs, cos, (a, t) = compare(expected, actual, job["outputs"], set(job["logits_outputs"]), mask)
+        worst_abs, worst_cos, agree, total = max(worst_abs, max_abs), min(worst_cos, cos), agree + a, total + t
+        outputs.update({"set%d.%s" % (index, n): np.asarray(v) for n, v in zip(job["outputs"], actual)})
+    np.savez(os.path.join(job["workdir"], artifact["name"] + ".outputs.npz"), **outputs)
+    metrics = {"max_abs_error": worst_abs, "cosine": worst_cos}
+    if total:
+        metrics["top1"] = agree / total
+    mean = sum(timings) / len(timings)
+    return {
+        "load_ms": load_ms, "first_inference_ms": first_ms, "iterations": len(timings),
+        "latency_ms": {"min": timings[0], "p50": percentile(timings, 0.5), "p90": percentile(timings, 0.9),
+                       "p99": percentile(timings, 0.99), "max": timings[-1],
+                       "std": (sum((t - mean) ** 2 for t in timings) / len(timings)) ** 0.5},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "metrics": metrics,
+        "outputs_file": artifact["name"] + ".outputs.npz",
+    }
+
+
+def judge(metrics, thresholds):
+    rules = {"max_abs_error": ("max_abs_error", False), "min_cosine": ("cosine", True), "min_top1": ("top1", True)}
+    checks = []
+    for field, required in thresholds.items():
+        if field not in rules or rules[field][0] not in metrics:
+            continue
+        metric, higher = rules[field]
+        measured = metrics[metric]
+        checks.append({"metric": field, "measured": measured, "required": required,
+                       "passed": measured >= required if higher else measured <= required})
+    return checks
+
+
+def main(argv):
+    if argv[:1] == ["--facts"]:
+        print(json.dumps(facts(argv[1] if len(argv) > 1 else ".")))
+        return 0
+    if argv[:1] == ["--hashes"]:
+        print(json.dumps({p: sha256(p) for p in argv[1:] if os.path.isfile(p)}))
+        return 0
+    with open(argv[0]) as handle:
+        job = json.load(handle)
+    import numpy as np
+
+    golden = dict(np.load(os.path.join(job["workdir"], "golden.npz")))
+    result = {"runner_version": RUNNER_VERSION, "facts": facts(job["workdir"]), "artifacts": {}}
+    for artifact in job["artifacts"]:
+        try:
+            measured = run_artifact(artifact, job, golden)
+            measured["checks"] = judge(measured["metrics"], artifact["thresholds"])
+            measured["passed"] = bool(measured["checks"]) and all(c["passed"] for c in measured["checks"])
+        except Exception as exc:  # one artifact failing must not hide the others' results
+            measured = {"error": "%s: %s" % (type(exc).__name__, exc), "passed": False}
+        result["artifacts"][artifact["name"]] = measured
+    path = os.path.join(job["workdir"], "result.json")
+    with open(path + ".partial", "w") as handle:
+        json.dump(result, handle)
+    os.replace(path + ".partial", path)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

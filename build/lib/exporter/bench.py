@@ -1,0 +1,164 @@
+"""Speed, memory and faithfulness of a language-model export, side by side with eager PyTorch.
+
+Each engine runs in a fresh process (so load time and peak RSS are its own), engines alternate
+round-robin for ``runs`` rounds, and medians are reported: these machines are noisy, only a
+comparison made in one run means anything. Faithfulness comes from the export's manifest, measured
+on the same real text for every artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import files, manifest
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+DECODE_TOKENS = 64
+
+
+def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
+    """Runs inside the child process: load, prefill the prompt, decode DECODE_TOKENS tokens greedily."""
+    import numpy as np
+
+    from .sources import SourceOptions, load_model
+
+    data = manifest.require(folder)
+    began = time.perf_counter()
+    if engine == "eager":
+        source = data["model"]["source"]
+        language = load_model(source["path"], SourceOptions(context_len=source.get("context_len"))).language
+        step = _EagerCached(language.causal_lm)
+        tokenizer = language.tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        from .formats import format_module
+
+        record = next(a for a in data["artifacts"] if a["name"] == artifact)
+        step = format_module(record["format"]).lm_stepper(folder / record["file"], record["backend"])
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    load_s = time.perf_counter() - began
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    start = time.perf_counter()
+    logits = step(ids, 0)
+    first = time.perf_counter()
+    position = len(ids)
+    for _ in range(DECODE_TOKENS):
+        logits = step([int(np.argmax(logits))], position)
+        position += 1
+    end = time.perf_counter()
+    return {"load_s": load_s, "ttft_s": first - start, "prefill_tokens_per_s": len(ids) / (first - start),
+            "decode_tokens_per_s": DECODE_TOKENS / (end - first), "prompt_tokens": len(ids),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class _EagerCached:
+    """Eager PyTorch as an app would run it: HF's own KV cache, one token per step after the prompt."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.past: Any = None
+
+    def __call__(self, tokens: list[int], start_pos: int) -> Any:
+        import torch
+
+        if start_pos == 0:
+            self.past = None
+        with torch.no_grad():
+            out = self.model(torch.tensor([tokens]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+
+def _run_engine(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
+    command = [sys.executable, "-m", "exporter.bench", engine, str(folder), artifact or "-"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:300]}
+    return json.loads(lines[-1])
+
+
+def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
+    data = manifest.require(folder)
+    if data["golden"].get("kind") != "language-model":
+        raise SystemExit("error: edgeship bench measures language-model exports; this folder holds another model")
+    engines: list[tuple[str, str | None]] = [("eager", None)]
+    engines += [(a["format"], a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
+    samples: dict[str, list[dict[str, Any]]] = {name or kind: [] for kind, name in engines}
+    for _ in range(runs):  # round-robin: every engine sees the same machine conditions
+        for kind, name in engines:
+            samples[name or kind].append(_run_engine(kind, folder, name))
+    rows = []
+    for kind, name in engines:
+        key = name or kind
+        good = [s for s in samples[key] if "error" not in s]
+        record = next((a for a in data["artifacts"] if a["name"] == name), None)
+        metrics = ((record or {}).get("parity") or {}).get("metrics", {})
+        row: dict[str, Any] = {"engine": key, "runs": len(good)}
+        if not good:
+            row["error"] = samples[key][0].get("error")
+        for field in ("load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"):
+            if good:
+                row[field] = statistics.median(s[field] for s in good)
+        row["size_mb"] = record["size"] / 1e6 if record else None
+        row["token_agreement"] = 1.0 if record is None else metrics.get("token_agreement")
+        row["mean_kl"] = 0.0 if record is None else metrics.get("mean_kl")
+        rows.append(row)
+    return {"model": data["model"]["name"], "folder": str(folder), "runs": runs, "decode_tokens": DECODE_TOKENS,
+            "prompt": PROMPT, "machine": _machine(), "rows": rows}
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "toolchain": manifest.toolchain()}
+
+
+def render(result: dict[str, Any]) -> str:
+    head = ("engine", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "size MB", "top-1", "KL")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"{row['engine']} | error: {row['error']}")
+            continue
+
+        def f(key: str, fmt: str) -> str:
+            value = row.get(key)
+            return "-" if value is None else format(value, fmt)
+
+        lines.append(" | ".join((row["engine"], f("load_s", ".2f"), format(row["ttft_s"] * 1000, ".0f"),
+                                 f("prefill_tokens_per_s", ".0f"), f("decode_tokens_per_s", ".0f"),
+                                 f("peak_rss_mb", ".0f"), f("size_mb", ".0f"), f("token_agreement", ".3f"),
+                                 f("mean_kl", ".4f"))))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] in ("eager", "pte", "tflite"):  # child process
+        print(json.dumps(_worker(argv[0], Path(argv[1]), None if argv[2] == "-" else argv[2])))
+        return 0
+    folder, runs = Path(argv[0]), int(argv[1]) if len(argv) > 1 else 3
+    result = bench(folder, runs)
+    out = Path("bench") / f"{result['model']}.json"
+    out.parent.mkdir(exist_ok=True)
+    files.write_json(out, result)
+    print(render(result))
+    print(f"\n{out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

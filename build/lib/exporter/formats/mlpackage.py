@@ -1,0 +1,178 @@
+"""Core ML packages (.mlpackage): coremltools conversion of the shared torch.export program.
+
+Core ML cannot execute on Linux, so ``load`` returns None and the pipeline marks numeric parity as
+pending a Mac; ``check`` verifies everything that can be verified here instead.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConversionError
+from ..quant import SCHEMES, LayerDecision, library_config, plan_layers
+from ..sources import LoadedModel
+from ..targets import ArtifactSpec
+from . import Built, Runner, Signature, TensorSpec
+
+_WEIGHT_OPS = ("linear", "matmul", "conv")
+
+
+def _mil_name(torch_name: str) -> str:
+    """torch.export names a parameter ``a.b.weight`` as ``p_a_b_weight``; coremltools keeps that stem."""
+    return "p_" + torch_name.replace(".", "_") + "_weight"
+
+
+def convert(program: torch.export.ExportedProgram, spec: ArtifactSpec) -> Any:
+    import coremltools as ct
+
+    try:
+        return ct.convert(
+            program.run_decompositions({}),
+            minimum_deployment_target=getattr(ct.target, spec.deployment_target or "iOS17"),
+            compute_precision=ct.precision.FLOAT16 if spec.compute_precision == "fp16" else ct.precision.FLOAT32,
+            skip_model_load=True,
+        )
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        ops = re.findall(r"(?:op|node)s? '?([\w.:]+)'?", text)
+        where = f" (op {ops[0]})" if ops else ""
+        raise ConversionError(spec.filename, f"coremltools could not convert the model{where}: {text}") from exc
+
+
+def compressed_weights(mlmodel: Any) -> dict[str, str]:
+    """MIL weight names that feed a linear/matmul/conv through a constexpr (compressed) op -> op type."""
+    found: dict[str, str] = {}
+    function = mlmodel._mil_program.functions["main"]
+
+    def visit(block: Any) -> None:
+        for op in block.operations:
+            for inner in getattr(op, "blocks", []):
+                visit(inner)
+            if not op.op_type.startswith(_WEIGHT_OPS):
+                continue
+            for value in op.inputs.values():
+                producer = getattr(value, "op", None)
+                if producer is not None and producer.op_type.startswith("constexpr_"):
+                    found[producer.name] = producer.op_type
+
+    visit(function)
+    return found
+
+
+def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.language is not None:
+        # Issue 3: a stateful Core ML model (KV cache as state, iOS18) is the next step for LMs.
+        raise ConversionError(spec.filename, "Core ML export of decoder language models (stateful KV cache) is not "
+                                             "implemented yet; export the .pte artifacts, or an encoder/other model")
+    assert program is not None  # the pipeline traces once for every non-language model
+    scheme = SCHEMES[spec.quant]
+    plan = plan_layers(model.module, scheme, spec.group_size, spec.skip_layers)
+    mlmodel = convert(program, spec)
+    if scheme.weight_bits is not None:
+        from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights
+
+        config = library_config("mlpackage", spec.quant, spec.group_size)
+        keep_float = {_mil_name(d.name) for d in plan if not d.quantised}
+        # op_name_configs are keyed by const op names, which carry a dtype suffix after conversion.
+        names = {op.name for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"}
+        overrides = {n: None for n in names if any(n == k or n.startswith(k + "_to_") for k in keep_float)}
+        try:
+            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(global_config=config, op_name_configs=overrides))
+        except Exception as exc:
+            raise ConversionError(spec.filename, f"coremltools weight compression failed: {exc}") from exc
+    layers = _reconcile(plan, compressed_weights(mlmodel)) if scheme.weight_bits is not None else plan
+    try:
+        mlmodel.save(str(destination))
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"saving the Core ML package failed: {exc}") from exc
+    return Built(layers=layers, details={"deployment_target": spec.deployment_target,
+                                         "compute_precision": spec.compute_precision})
+
+
+def _reconcile(plan: list[LayerDecision], compressed: dict[str, str]) -> list[LayerDecision]:
+    """The artifact is the truth: report each layer as compressed only if its weight really is."""
+    result = []
+    for decision in plan:
+        stem = _mil_name(decision.name)
+        hit = next((op for name, op in compressed.items() if name.startswith(stem)), None)
+        if decision.quantised and hit is None:
+            decision = LayerDecision(decision.name, decision.kind, decision.shape, False,
+                                     "coremltools left this weight uncompressed")
+        elif decision.quantised:
+            decision = LayerDecision(decision.name, decision.kind, decision.shape, True, f"{decision.reason} ({hit})")
+        result.append(decision)
+    return result
+
+
+def load(path: Path, backend: str = "mlprogram") -> Runner | None:
+    if platform.system() != "Darwin":
+        return None  # Core ML prediction exists only on macOS
+    import coremltools as ct
+    import numpy as np
+
+    mlmodel = ct.models.MLModel(str(path))
+    spec = mlmodel.get_spec()
+    input_names = [i.name for i in spec.description.input]
+    output_names = [o.name for o in spec.description.output]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        result = mlmodel.predict(dict(zip(input_names, inputs)))
+        return [np.asarray(result[name]) for name in output_names]
+
+    return run
+
+
+_ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
+
+
+def inspect(path: Path) -> Signature:
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+
+    def specs(features: Any) -> tuple[TensorSpec, ...]:
+        out = []
+        for feature in features:
+            array = feature.type.multiArrayType
+            out.append(TensorSpec(feature.name, _ARRAY_DTYPES.get(array.dataType, str(array.dataType)), tuple(array.shape)))
+        return tuple(out)
+
+    return Signature(specs(spec.description.input), specs(spec.description.output))
+
+
+def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
+          built_layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What can be verified without a Mac: the package loads, its signature matches, weights compressed as planned."""
+    signature = inspect(path)
+    checks = [{"check": "package loads (spec and weights readable)", "passed": True}]
+    want_inputs = [tuple(s) for s in input_shapes]
+    got_inputs = [t.shape for t in signature.inputs]
+    checks.append({"check": "input shapes match the model", "passed": want_inputs == got_inputs,
+                   "expected": [list(s) for s in want_inputs], "found": [list(s) for s in got_inputs]})
+    checks.append({"check": "output count matches the model", "passed": len(signature.outputs) == output_count,
+                   "expected": output_count, "found": len(signature.outputs)})
+    weights = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    checks.append({"check": "weights file present", "passed": weights.is_file()})
+    planned = sorted(d["layer"] for d in built_layers if d["quantised"])
+    saved = saved_compressed_weights(path)
+    found = sorted(d["layer"] for d in built_layers if any(n.startswith(_mil_name(d["module_path"])) for n in saved))
+    checks.append({"check": "saved package compresses exactly the planned weights", "passed": planned == found,
+                   "expected": planned, "found": found})
+    return checks
+
+
+def saved_compressed_weights(path: Path) -> list[str]:
+    """Output names of constexpr (compressed-weight) ops in the saved package's program."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    names = []
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            names += [op.outputs[0].name for op in block.operations if op.type.startswith("constexpr_")]
+    return names

@@ -1,0 +1,283 @@
+"""ExecuTorch programs (.pte): torchao quantisation, XNNPACK / Core ML / portable lowering, in-process runtime."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConversionError
+from ..quant import SCHEMES, LayerDecision, library_config, plan_layers
+from ..sources import LoadedModel
+from ..targets import ArtifactSpec
+from . import Built, Runner, Signature, TensorSpec
+
+# "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
+_OP_PATTERN = re.compile(r"\baten(?:::|\.)\w+(?:\.\w+)?|\b[a-z_][a-z0-9_]*::\w+")
+
+
+def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = False) -> tuple[torch.nn.Module, list[LayerDecision]]:
+    """Apply the target's scheme with torchao to a copy of the module, following the layer plan."""
+    scheme = SCHEMES[spec.quant]
+    plan = plan_layers(source, scheme, spec.group_size, spec.skip_layers)
+    if scheme.weight_bits is None:
+        return source, plan
+    from torchao.quantization import quantize_
+
+    module = source if in_place else copy.deepcopy(source)
+    chosen = {d.name for d in plan if d.quantised}
+    quantize_(module, library_config("pte", spec.quant, spec.group_size),
+              filter_fn=lambda layer, fqn: fqn in chosen)
+    # Check the plan against what torchao did: a layer it passed over is reported, not lost.
+    checked = []
+    for decision in plan:
+        if decision.quantised:
+            weight = module.get_submodule(decision.name).weight
+            if type(weight) in (torch.Tensor, torch.nn.Parameter):
+                decision = LayerDecision(decision.name, decision.kind, decision.shape, False,
+                                         "torchao left this layer float")
+        checked.append(decision)
+    return module, checked
+
+
+def partitioners(spec: ArtifactSpec) -> list[Any]:
+    if spec.backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+    if spec.backend == "coreml":
+        import coremltools as ct
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        compile_specs = CoreMLBackend.generate_compile_specs(
+            minimum_deployment_target=getattr(ct.target, spec.deployment_target or "iOS17"),
+            compute_precision=ct.precision.FLOAT16 if spec.compute_precision == "fp16" else ct.precision.FLOAT32,
+        )
+        return [CoreMLPartitioner(compile_specs=compile_specs)]
+    return []
+
+
+def lower(
+    program: torch.export.ExportedProgram,
+    spec: ArtifactSpec,
+    *,
+    check_ir_validity: bool = True,
+    **to_edge: Any,
+) -> tuple[bytes, dict[str, Any]]:
+    """to_edge + delegate + to_executorch; a failure names the ops it could not handle.
+
+    IR validity checks stay on unless a caller brings its own custom ops (the LLM path): without
+    them an op with no kernel lowers fine and only fails when the runtime loads the program.
+    """
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    try:
+        edge = to_edge_transform_and_lower(
+            program, partitioner=partitioners(spec),
+            compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
+        )
+        details = delegation(edge)
+        executorch_program = edge.to_executorch()
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"ExecuTorch could not lower the model: {describe_failure(exc)}") from exc
+    return executorch_program.buffer, details
+
+
+def describe_failure(exc: BaseException) -> str:
+    text = str(exc)
+    ops = sorted(set(_OP_PATTERN.findall(text)))
+    first_line = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return f"unsupported op(s) {', '.join(ops[:5])}: {first_line}" if ops else f"{type(exc).__name__}: {first_line}"
+
+
+def delegation(edge: Any) -> dict[str, Any]:
+    """How much of the graph the backend took; ops left to portable kernels run much slower."""
+    graph = edge.exported_program().graph_module
+    delegated, remaining = 0, {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name:
+            delegated += 1
+        elif not name.startswith("getitem"):
+            remaining[name] = remaining.get(name, 0) + 1
+    return {"delegate_calls": delegated, "non_delegated_ops": dict(sorted(remaining.items()))}
+
+
+def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.language is not None:
+        return build_decoder(model, spec, destination)
+    assert program is not None  # the pipeline traces once for every non-language model
+    module, layers = quantise(model.module, spec)
+    if module is not model.module:
+        try:
+            program = torch.export.export(module, model.sample_inputs, strict=False)
+        except Exception as exc:
+            raise ConversionError(spec.filename, f"torch.export of the quantised model failed: {describe_failure(exc)}") from exc
+    buffer, details = lower(program, spec)
+    destination.write_bytes(buffer)
+    return Built(layers=layers, details=details)
+
+
+def load_runtime_extensions() -> None:
+    """Kernels that LLM programs use (custom SDPA, KV-cache update, quantised embeddings)."""
+    for module in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
+        try:
+            __import__(module)
+        except ImportError:  # an older wheel without them can still run plain programs
+            pass
+
+
+def load(path: Path, backend: str = "xnnpack") -> Runner | None:
+    if backend == "coreml" and platform.system() != "Darwin":
+        return None  # the Core ML delegate executes only on Apple hardware
+    from executorch.runtime import Runtime
+
+    load_runtime_extensions()
+    try:
+        method = Runtime.get().load_program(str(path)).load_method("forward")
+    except RuntimeError as exc:
+        raise ConversionError(path.name, f"the ExecuTorch runtime cannot load the program ({exc}); "
+                                         "an operator in it has no kernel in this runtime") from exc
+    meta = method.metadata
+    dtypes = [_dtype(meta.input_tensor_meta(i)) for i in range(meta.num_inputs())]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+        tensors = [t.to(d) if d is not None else t for t, d in zip(tensors, dtypes)]
+        return [o.detach().numpy().copy() for o in method.execute(tensors)]
+
+    return run
+
+
+# c10::ScalarType codes, as MethodMeta reports them.
+_SCALAR_TYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64,
+                 5: torch.float16, 6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
+
+
+def _dtype(info: Any) -> torch.dtype | None:
+    return _SCALAR_TYPES.get(int(info.dtype()))
+
+
+def inspect(path: Path) -> Signature:
+    from executorch.runtime import Runtime
+
+    load_runtime_extensions()
+    meta = Runtime.get().load_program(str(path)).metadata("forward")
+
+    def specs(count: int, getter: Any, prefix: str) -> tuple[TensorSpec, ...]:
+        out = []
+        for i in range(count):
+            info = getter(i)
+            dtype = _dtype(info)
+            out.append(TensorSpec(f"{prefix}_{i}", str(dtype).removeprefix("torch.") if dtype else "?", tuple(info.sizes())))
+        return tuple(out)
+
+    return Signature(specs(meta.num_inputs(), meta.input_tensor_meta, "input"),
+                     specs(meta.num_outputs(), meta.output_tensor_meta, "output"))
+
+
+def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
+          built_layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For programs that cannot execute here (Core ML delegate): the program loads and its signature matches."""
+    signature = inspect(path)
+    found_inputs = [t.shape for t in signature.inputs]
+    want_inputs = [tuple(s) for s in input_shapes]
+    return [
+        {"check": "program loads (flatbuffer and method metadata readable)", "passed": True},
+        {"check": "input shapes match the model", "passed": found_inputs == want_inputs,
+         "expected": [list(s) for s in want_inputs], "found": [list(s) for s in found_inputs]},
+        {"check": "output count matches the model", "passed": len(signature.outputs) == output_count,
+         "expected": output_count, "found": len(signature.outputs)},
+    ]
+
+
+def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """A language model as ExecuTorch's LLM runners want it: KV cache in the program, custom SDPA and
+    cache-update ops, int8 embedding lookups, dynamic prompt length, runner metadata."""
+    from .. import llm
+
+    language = model.language
+    causal_lm = copy.deepcopy(language.causal_lm)
+    layers: list[LayerDecision] = []
+    details_extra: dict[str, Any] = {}
+    if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
+        from ..smoothing import smooth
+
+        if causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
+            head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        details_extra["smoothing"] = {"alpha": spec.smoothing,
+                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing)}
+    if spec.embedding_quant:
+        embedding = causal_lm.get_input_embeddings()
+        shape = tuple(embedding.weight.shape)
+        # The lm_head keeps its own (tied) weight and is quantised with the linears below.
+        causal_lm.config.tie_word_embeddings = False
+        group = llm.EMBEDDING_GROUP if shape[1] % llm.EMBEDDING_GROUP == 0 else None
+        name = llm.quantise_embedding(causal_lm, group)
+        layers.append(LayerDecision(f"inner.{name}", "embedding", shape, True,
+                                    f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
+    decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
+    decoder, linear_layers = quantise(decoder, spec, in_place=True)
+    layers += linear_layers
+    sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
+    seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
+    try:
+        program = torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, None), strict=False)
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"torch.export of the KV-cache decoder failed: {describe_failure(exc)}") from exc
+    metadata = llm.runner_metadata(causal_lm.config, language.tokenizer, language.max_context, language.eos_ids)
+    buffer, details = lower(program, spec, check_ir_validity=False, constant_methods=metadata)
+    destination.write_bytes(buffer)
+    details["runner_metadata"] = metadata
+    return Built(layers=layers, details={**details, **details_extra})
+
+
+def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
+    """Feed tokens at a position, get the last token's logits: how lm_parity drives a .pte."""
+    if backend == "coreml" and platform.system() != "Darwin":
+        return None
+    from executorch.runtime import Runtime
+
+    load_runtime_extensions()
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def step(tokens: list[int], start_pos: int) -> np.ndarray:
+        out = method.execute([torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long)])
+        return out[0].reshape(-1, out[0].shape[-1])[-1].float().numpy().copy()
+
+    return step
+
+
+def run_text_llm_runner(path: Path, tokenizer_json: Path, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """Generate with ExecuTorch's own TextLLMRunner: proof the .pte runs unchanged in its apps."""
+    import json
+
+    load_runtime_extensions()
+    from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
+
+    runner = TextLLMRunner(str(path), str(tokenizer_json))
+    config = GenerationConfig()
+    config.max_new_tokens = max_new_tokens
+    config.temperature = 0.0
+    config.echo = False
+    pieces: list[str] = []
+    stats: list[str] = []
+    try:
+        runner.generate(prompt, config, pieces.append, lambda s: stats.append(s.to_json_string()))
+    except UnicodeDecodeError:
+        # A byte-level token that is not valid UTF-8 on its own: the runner ran, its Python binding
+        # cannot hand the piece over. Apps receive raw bytes and are unaffected.
+        return {"text": None, "note": "generated a partial UTF-8 piece the Python binding cannot decode"}
+    report = json.loads(stats[-1]) if stats else {}
+    return {"text": "".join(pieces), "prefill_tokens_per_s": report.get("prefill_token_per_sec"),
+            "decode_tokens_per_s": report.get("decode_token_per_sec"), "prompt_tokens": report.get("prompt_tokens"),
+            "generated_tokens": report.get("generated_tokens")}

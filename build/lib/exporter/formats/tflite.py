@@ -1,0 +1,340 @@
+"""TFLite / LiteRT flatbuffers (.tflite): litert-torch conversion, ai-edge-quantizer per-layer recipes.
+
+The float flatbuffer is converted once per model and every .tflite artifact of a run is
+quantised from it. Fully-connected ops are matched to torch layers by their weight values, because
+LiteRT's tensor names keep only class names and the last attribute (``Blk_0/Linear_fc``), and the
+converter folds neighbouring scales (LayerNorm gamma, attention scaling) into the weights.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConversionError
+from ..quant import SCHEMES, LayerDecision, library_config, plan_layers
+from ..sources import LoadedModel
+from ..targets import ArtifactSpec
+from . import Built, Runner, Signature, TensorSpec
+
+_float_cache: dict[str, bytes] = {}  # model fingerprint -> float flatbuffer, shared by this run's artifacts
+
+
+_SIGNATURE_POINTS = 2048
+
+
+def weight_signature(weight: np.ndarray) -> np.ndarray:
+    """A fingerprint of a weight matrix that survives per-row and per-column rescaling (and sign flips).
+
+    Alternately normalising |W|'s columns and rows converges to the same matrix for W and D1 W D2,
+    so a layer whose LayerNorm gamma was folded in still matches its torch weights.
+    """
+    a = np.abs(np.asarray(weight, np.float64)) + 1e-12
+    for _ in range(4):
+        a /= a.sum(axis=0, keepdims=True)
+        a /= a.sum(axis=1, keepdims=True)
+    flat = a.ravel()
+    points = np.random.default_rng(0).choice(flat.size, size=min(_SIGNATURE_POINTS, flat.size), replace=False)
+    sample = flat[np.sort(points)]
+    return (sample - sample.mean()) / (sample.std() + 1e-30)
+
+
+def match_layers(ops: list[dict[str, Any]], layers: dict[str, np.ndarray]) -> dict[str, str]:
+    """Op scope -> torch layer name, one-to-one, by best signature correlation among equal shapes."""
+    signatures = {name: weight_signature(w) for name, w in layers.items()}
+    pairs = []
+    for op in ops:
+        for name, weight in layers.items():
+            if tuple(weight.shape) == op["shape"]:
+                score = float(np.dot(op["signature"], signatures[name]) / len(op["signature"]))
+                if score > 0.95:
+                    pairs.append((score, op["scope"], name))
+    matched: dict[str, str] = {}
+    taken: set[str] = set()
+    for score, scope, name in sorted(pairs, reverse=True):
+        if scope not in matched and name not in taken:
+            matched[scope] = name
+            taken.add(name)
+    return matched
+
+
+def float_flatbuffer(model: LoadedModel, spec: ArtifactSpec) -> bytes:
+    if model.fingerprint not in _float_cache:
+        import litert_torch
+
+        try:
+            converted = litert_torch.convert(model.module, model.sample_inputs)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ConversionError(spec.filename, f"litert-torch could not convert the model: {text}") from exc
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "float.tflite"
+            converted.export(str(path))
+            _float_cache[model.fingerprint] = path.read_bytes()
+    return _float_cache[model.fingerprint]
+
+
+def _interpreter(model_content: bytes | None = None, path: Path | None = None) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content) if model_content else Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def fully_connected_ops(flatbuffer: bytes) -> list[dict[str, Any]]:
+    """Each FULLY_CONNECTED op of a float model: its output tensor name, weight digest and shape."""
+    interpreter = _interpreter(model_content=flatbuffer)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] != "FULLY_CONNECTED":
+            continue
+        weight = tensors[int(op["inputs"][1])]
+        try:
+            values = interpreter.get_tensor(weight["index"])
+        except ValueError:  # computed, not constant
+            continue
+        ops.append({"scope": tensors[int(op["outputs"][0])]["name"], "signature": weight_signature(values),
+                    "shape": tuple(int(s) for s in weight["shape"])})
+    return ops
+
+
+def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.language is not None:
+        return build_decoder(model, spec, destination)
+    scheme = SCHEMES[spec.quant]
+    plan = plan_layers(model.module, scheme, spec.group_size, spec.skip_layers)
+    flatbuffer = float_flatbuffer(model, spec)
+    if scheme.weight_bits is None:
+        destination.write_bytes(flatbuffer)
+        return Built(layers=plan)
+    weights = {name: m.weight.detach().numpy() for name, m in model.module.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    ops = fully_connected_ops(flatbuffer)
+    layer_of = match_layers(ops, weights)
+    chosen = {d.name for d in plan if d.quantised}
+    selected = [op for op in ops if layer_of.get(op["scope"]) in chosen]
+    quantised_bytes = _quantise(flatbuffer, selected, library_config("tflite", spec.quant, spec.group_size), spec)
+    destination.write_bytes(quantised_bytes)
+    scopes = quantised_scopes(quantised_bytes)
+    found = {layer_of[op["scope"]] for op in selected if op["scope"] in scopes}
+    layers = []
+    for decision in plan:
+        if decision.quantised and decision.name not in found:
+            decision = LayerDecision(decision.name, decision.kind, decision.shape, False,
+                                     "no quantised FULLY_CONNECTED weight found for it in the flatbuffer")
+        layers.append(decision)
+    return Built(layers=layers, details={"fully_connected_ops": len(ops)})
+
+
+def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, Any], spec: ArtifactSpec) -> bytes:
+    from ai_edge_quantizer import quantizer, recipe_manager
+    from ai_edge_quantizer.qtyping import TFLOperationName
+
+    manager = recipe_manager.RecipeManager()
+    for op in ops:
+        # One recipe entry per chosen op, matched on its output tensor (the quantizer's "scope").
+        regex = "^" + re.escape(op["scope"]) + ";"
+        add = manager.add_dynamic_config if config["dynamic"] else manager.add_weight_only_config
+        add(regex=regex, operation_name=TFLOperationName.FULLY_CONNECTED,
+            num_bits=config["num_bits"], granularity=config["granularity"])
+    try:
+        q = quantizer.Quantizer(flatbuffer)
+        q.load_quantization_recipe(manager.get_quantization_recipe())
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a size report of its own
+            return bytes(q.quantize().quantized_model)
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"ai-edge-quantizer failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def quantised_scopes(flatbuffer: bytes) -> set[str]:
+    """Output names of FULLY_CONNECTED ops whose weight is stored as integers.
+
+    Dynamic-range ops read the int8 tensor directly; weight-only ops read it through a DEQUANTIZE op.
+    """
+    interpreter = _interpreter(model_content=flatbuffer)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    dequantized_from = {int(op["outputs"][0]): int(op["inputs"][0]) for op in ops if op["op_name"] == "DEQUANTIZE"}
+
+    def stored_as_integers(index: int) -> bool:
+        index = dequantized_from.get(index, index)
+        return np.dtype(tensors[index]["dtype"]).kind in "iu"
+
+    return {tensors[int(op["outputs"][0])]["name"] for op in ops
+            if op["op_name"] == "FULLY_CONNECTED" and stored_as_integers(int(op["inputs"][1]))}
+
+
+def load(path: Path, backend: str = "litert") -> Runner:
+    interpreter = _interpreter(path=path)
+    runner = interpreter.get_signature_runner()
+    inputs = runner.get_input_details()
+    order = sorted(inputs, key=lambda k: int(re.sub(r"\D", "", k) or 0))
+    outputs = sorted(runner.get_output_details(), key=lambda k: int(re.sub(r"\D", "", k) or 0))
+
+    def run(values: list[np.ndarray]) -> list[np.ndarray]:
+        feed = {name: np.asarray(v).astype(inputs[name]["dtype"]) for name, v in zip(order, values)}
+        result = runner(**feed)
+        return [np.asarray(result[name]) for name in outputs]
+
+    return run
+
+
+def inspect(path: Path) -> Signature:
+    """The signature a caller runs: the only one, or ``decode`` for language models (per generated token)."""
+    interpreter = _interpreter(path=path)
+    names = list(interpreter.get_signature_list())
+    runner = interpreter.get_signature_runner("decode" if "decode" in names and len(names) > 1 else names[0])
+
+    def specs(details: dict[str, Any]) -> tuple[TensorSpec, ...]:
+        ordered = sorted(details, key=lambda k: int(re.sub(r"\D", "", k) or 0))
+        return tuple(TensorSpec(k, np.dtype(details[k]["dtype"]).name, tuple(int(s) for s in details[k]["shape"]))
+                     for k in ordered)
+
+    return Signature(specs(runner.get_input_details()), specs(runner.get_output_details()))
+
+
+# --- language models -------------------------------------------------------------------------------
+
+LITERT_LM_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3"}  # exported and checked by edgeship's tests
+PREFILL_LENGTH = 64  # prompt tokens the prefill signature takes at once; longer prompts go in chunks
+_RECIPES = {"fp32": None, "int8-dynamic": "dynamic_wi8_afp32", "int8-weight": "weight_only_wi8_afp32"}
+_hf_folders: dict[str, Path] = {}  # model fingerprint -> HF folder litert-torch reads (GGUFs are saved once)
+
+
+def _recipe(spec: ArtifactSpec) -> str | None:
+    if spec.quant in _RECIPES:
+        return _RECIPES[spec.quant]
+    if spec.quant in ("8da4w", "int4-weight") and spec.group_size in (32, 64):
+        return f"{'dynamic' if spec.quant == '8da4w' else 'weight_only'}_wi4b{spec.group_size}_afp32"
+    raise ConversionError(spec.filename, f"litert-torch's LLM exporter has no recipe for {spec.quant} "
+                                         f"(group {spec.group_size}); use int8-dynamic, int8-weight or 8da4w with group 32/64")
+
+
+def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
+    """The HF folder litert-torch reads: the source folder itself, or fp32 weights written once
+    (a GGUF source, or weights smoothed for this artifact)."""
+    source = model.source
+    if source["kind"] == "hf-folder" and not smoothing:
+        return Path(source["path"])
+    key = f"{model.fingerprint}:{smoothing}"
+    if key not in _hf_folders:
+        from safetensors.torch import save_model
+
+        folder = Path(tempfile.mkdtemp(prefix="edgeship-hf-"))
+        atexit.register(shutil.rmtree, folder, True)
+        # transformers refuses save_pretrained on a model loaded from GGUF; the dequantised fp32 weights
+        # and the config are all litert-torch needs (save_model stores tied weights once).
+        causal_lm = model.language.causal_lm
+        if smoothing:
+            import copy
+
+            from ..smoothing import smooth
+
+            causal_lm = copy.deepcopy(causal_lm)  # a tied lm_head stays tied (and unsmoothed): see smoothing
+            smooth(causal_lm, model.language.tokenizer, smoothing)
+        causal_lm.config.save_pretrained(folder)
+        save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        model.language.tokenizer.save_pretrained(folder)
+        _hf_folders[key] = folder
+    return _hf_folders[key]
+
+
+def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """Prefill/decode signatures with an external KV cache, and the .litertlm bundle LiteRT-LM apps load."""
+    from litert_torch.generative.export_hf import export as export_hf
+
+    if model.language.architecture not in LITERT_LM_ARCHITECTURES:
+        raise ConversionError(spec.filename, f"litert-torch's LLM exporter does not support {model.language.architecture} "
+                                             f"(it handles {', '.join(sorted(LITERT_LM_ARCHITECTURES))}); "
+                                             "the .pte artifacts cover this model")
+    recipe = _recipe(spec)
+    language = model.language
+    work = Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_hf.export(
+                str(_hf_folder(model, spec.smoothing)), str(work),
+                prefill_lengths=[min(PREFILL_LENGTH, language.max_context - 1)], cache_length=language.max_context,
+                quantization_recipe=recipe, bundle_litert_lm=True, keep_temporary_files=True,
+            )
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(spec.filename, f"litert-torch could not export the language model: {text}") from exc
+    produced = work / ("model_quantized.tflite" if recipe else "model.tflite")
+    produced.replace(destination)
+    bundle = destination.with_suffix(".litertlm")
+    (work / "model.litertlm").replace(bundle)
+    layers = _decoder_layer_report(model, spec, work / "model.tflite", destination)
+    shutil.rmtree(work, ignore_errors=True)
+    return Built(layers=layers, details={"recipe": recipe, "prefill_length": min(PREFILL_LENGTH, language.max_context - 1),
+                                         "cache_length": language.max_context, "smoothing": spec.smoothing},
+                 companions=[bundle.name])
+
+
+def _decoder_layer_report(model: LoadedModel, spec: ArtifactSpec, float_path: Path, quantised_path: Path) -> list[LayerDecision]:
+    plan = plan_layers(model.language.causal_lm, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+    if SCHEMES[spec.quant].weight_bits is None or not float_path.is_file():
+        return plan
+    weights = {name: m.weight.detach().numpy() for name, m in model.language.causal_lm.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    ops = fully_connected_ops(float_path.read_bytes())
+    layer_of = match_layers(ops, weights)
+    scopes = quantised_scopes(quantised_path.read_bytes())
+    found = {layer_of[op["scope"]] for op in ops if op["scope"] in scopes and op["scope"] in layer_of}
+    return [d if not d.quantised or d.name in found else
+            LayerDecision(d.name, d.kind, d.shape, False, "no quantised FULLY_CONNECTED weight found for it")
+            for d in plan]
+
+
+def lm_stepper(path: Path, backend: str = "litert") -> Any:
+    """Drive the decode signature (and prefill for prompts), carrying the KV cache between calls."""
+    interpreter = _interpreter(path=path)
+    signatures = interpreter.get_signature_list()
+    decode = interpreter.get_signature_runner("decode")
+    prefill_name = next((n for n in signatures if n.startswith("prefill")), None)
+    prefill = interpreter.get_signature_runner(prefill_name) if prefill_name else None
+    details = decode.get_input_details()
+    cache_names = sorted(k for k in details if k.startswith("kv_cache"))
+    cache = {k: np.zeros(details[k]["shape"], np.float32) for k in cache_names}
+    cache_len = int(details["mask"]["shape"][-1])
+
+    def mask(positions: np.ndarray) -> np.ndarray:
+        allowed = np.arange(cache_len)[None, :] <= positions[:, None]
+        return np.where(allowed, 0.0, -1e30).astype(np.float32)[None, None]
+
+    def run_decode(token: int, position: int) -> np.ndarray:
+        out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([position], np.int32),
+                     mask=mask(np.array([position])), **cache)
+        cache.update({k: out[k] for k in cache_names})
+        return out["logits"].reshape(-1)
+
+    def run_prefill(tokens: list[int], start: int) -> None:
+        assert prefill is not None
+        width = int(prefill.get_input_details()["tokens"]["shape"][1])
+        for offset in range(0, len(tokens), width):
+            chunk = tokens[offset:offset + width]
+            positions = np.arange(start + offset, start + offset + width)
+            padded = np.array([chunk + [0] * (width - len(chunk))], np.int32)
+            out = prefill(tokens=padded, input_pos=positions.astype(np.int32), mask=mask(positions), **cache)
+            cache.update({k: out[k] for k in cache_names})
+
+    def step(tokens: list[int], start_pos: int) -> np.ndarray:
+        if len(tokens) > 1 and prefill is not None:
+            run_prefill(tokens[:-1], start_pos)
+        elif len(tokens) > 1:
+            for i, token in enumerate(tokens[:-1]):
+                run_decode(token, start_pos + i)
+        return run_decode(tokens[-1], start_pos + len(tokens) - 1)
+
+    return step

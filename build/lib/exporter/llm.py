@@ -1,0 +1,149 @@
+"""Decoder-only language models made exportable: a KV cache inside the program, ExecuTorch's custom
+SDPA and cache-update ops, last-token logits, and the metadata ExecuTorch's LLM runners read.
+
+Hugging Face's own modelling code is kept (Llama, Qwen2/3, GPT-2, Phi-3 share it): attention is
+routed through an attention function registered with transformers, which writes the step's keys
+and values into per-layer cache buffers and attends over the cache with ``llama::custom_sdpa``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+ATTENTION_NAME = "edgeship_kv_sdpa"
+# int8 embedding tables get one scale per 32 values: GGUF's Q8_0 blocking, so a Q8_0 table is carried
+# over exactly (per-row scales measured 0.899 vs 0.906 next-token agreement on SmolLM2-135M).
+EMBEDDING_GROUP = 32
+
+
+def _load_custom_ops() -> None:
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::*)
+
+
+class _Step:
+    """The start position of the current forward, shared by every attention layer of the model."""
+
+    start_pos: Any = 0
+
+
+def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """HF attention-function signature; query/key/value arrive as [batch, heads, seq, head_dim]."""
+    start_pos = module.edgeship_step.start_pos
+    q = query.transpose(1, 2)  # the custom ops want [batch, seq, heads, head_dim]
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    torch.ops.llama.update_cache(k, module.k_cache, start_pos)
+    torch.ops.llama.update_cache(v, module.v_cache, start_pos)
+    out = torch.ops.llama.custom_sdpa(q, module.k_cache, module.v_cache, start_pos, None, 0.0, True, scaling)
+    return out, None  # already [batch, seq, heads, head_dim], which HF reshapes to hidden
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, kv_attention)
+    # The causal mask is applied inside custom_sdpa from start_pos: HF need not build one.
+    AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Self-attention layers of a HF decoder: the classes are named *Attention and carry a layer_idx."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+
+
+class ExportableDecoder(nn.Module):
+    """forward(tokens [1, seq], input_pos [1]) -> logits of the last token [1, vocab], KV cache inside.
+
+    This is the calling convention of ExecuTorch's TextLLMRunner (prefill with the prompt at
+    input_pos 0, then one token at a time).
+    """
+
+    def __init__(self, causal_lm: nn.Module, max_context: int) -> None:
+        super().__init__()
+        _load_custom_ops()
+        register_attention()
+        self.inner = causal_lm  # named like FlatModule's, so layer reports read the same for every model
+        self.max_context = max_context
+        config = causal_lm.config
+        config._attn_implementation = ATTENTION_NAME
+        self.step = _Step()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        for attention in attention_modules(causal_lm):
+            attention.edgeship_step = self.step
+            attention.register_buffer("k_cache", torch.zeros(1, max_context, kv_heads, head_dim), persistent=False)
+            attention.register_buffer("v_cache", torch.zeros(1, max_context, kv_heads, head_dim), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start < self.max_context)
+        torch._check(start + tokens.shape[1] <= self.max_context)
+        self.step.start_pos = start
+        positions = torch.arange(tokens.shape[1], dtype=torch.long).unsqueeze(0) + input_pos
+        hidden = self.inner.base_model(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+        return self.inner.get_output_embeddings()(hidden[:, -1, :])
+
+    def reset(self) -> None:
+        """Empty the KV cache (only the caches: RoPE's inv_freq is a buffer too)."""
+        for attention in attention_modules(self.inner):
+            attention.k_cache.zero_()
+            attention.v_cache.zero_()
+
+
+class QuantizedEmbedding(nn.Module):
+    """An int8 embedding table with one scale per row (or per group), looked up by ExecuTorch's
+    ``quantized_decomposed::embedding_byte`` kernel without dequantising the table."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int | None = None) -> None:
+        super().__init__()
+        vocab, dim = weight.shape
+        group = group_size or dim
+        blocks = weight.detach().float().reshape(vocab, dim // group, group)
+        scales = blocks.abs().amax(-1).clamp(min=1e-12) / 127.0
+        quantised = torch.round(blocks / scales.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+        self.register_buffer("weight", quantised.reshape(vocab, dim))
+        self.register_buffer("scales", scales if group != dim else scales.squeeze(-1))
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(
+            self.weight, self.scales, None, -128, 127, indices, dtype=torch.float32
+        )
+
+    def dequantised(self) -> torch.Tensor:
+        scales = self.scales if self.scales.dim() == 2 else self.scales.unsqueeze(-1)
+        vocab, dim = self.weight.shape
+        return (self.weight.float().reshape(vocab, scales.shape[1], -1) * scales.unsqueeze(-1)).reshape(vocab, dim)
+
+
+def quantise_embedding(model: nn.Module, group_size: int | None) -> str:
+    """Swap the input embedding for an int8 one; returns the layer's name for the report."""
+    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_byte)
+
+    embedding = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    if group_size and embedding.weight.shape[1] % group_size:
+        group_size = None
+    model.set_input_embeddings(QuantizedEmbedding(embedding.weight, group_size))
+    return name
+
+
+def runner_metadata(config: Any, tokenizer: Any, max_context: int, eos_ids: list[int]) -> dict[str, Any]:
+    """Constant methods ExecuTorch's TextLLMRunner (and its Android/iOS apps) read from the program."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    return {
+        "get_max_seq_len": max_context,
+        "get_max_context_len": max_context,
+        "get_vocab_size": int(config.vocab_size),
+        "get_bos_id": int(bos),
+        "get_eos_ids": [int(e) for e in eos_ids],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_n_layers": int(config.num_hidden_layers),
+    }

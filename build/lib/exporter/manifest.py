@@ -1,0 +1,50 @@
+"""manifest.json: what was exported, from what, with which tools, and how faithful each artifact is.
+
+The device harness starts from this file and never works out paths or settings again.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+MANIFEST = "manifest.json"
+GOLDEN = "golden.npz"
+SCHEMA_VERSION = 1
+
+_TOOLS = ("edgeship", "torch", "executorch", "torchao", "coremltools", "litert-torch", "ai-edge-quantizer",
+          "ai-edge-litert", "transformers", "numpy")
+
+
+def toolchain() -> dict[str, str]:
+    versions = {}
+    for tool in _TOOLS:
+        try:
+            versions[tool] = metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            versions[tool] = "not installed"
+    return versions
+
+
+def read(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable manifest ({exc}); delete the folder and export again") from exc
+    if data.get("schema") != SCHEMA_VERSION:
+        return None  # written by another version: nothing in it is reused
+    return data
+
+
+def require(folder: Path) -> dict[str, Any]:
+    data = read(folder)
+    if data is None:
+        raise ExportError(f"{folder}: no {MANIFEST} from this edgeship version; run `edgeship export` first")
+    return data

@@ -1,0 +1,290 @@
+"""The export pipeline: model -> (per artifact) quantise, convert, write, validate -> manifest.
+
+One function, ``export``. The float program is traced once and shared by every artifact that can
+take it; each artifact is built in a staging folder and renamed into place only when complete;
+the manifest is written last, so a folder without one was never finished. A re-run reuses every
+artifact whose inputs did not change and which passed before.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import files, lm_parity, manifest
+from .errors import ConversionError, ExportError, OutputError
+from .formats import format_module
+from .progress import Progress
+from .quant import SCHEMES
+from .sources import LoadedModel
+from .targets import ArtifactSpec, Target
+from .validate import Golden, judge, make_golden, measure
+
+GOLDEN_SETS = 4
+OK_STATUSES = ("passed", "pending-mac")
+
+
+@dataclass
+class ArtifactResult:
+    spec: ArtifactSpec
+    status: str  # passed | failed | error | pending-mac
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+
+@dataclass
+class ExportSummary:
+    folder: Path
+    results: list[ArtifactResult]
+    fp32_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+
+def artifact_key(model: LoadedModel, spec: ArtifactSpec, toolchain: dict[str, str]) -> str:
+    """Everything that changes an artifact's bytes or its measured metrics; equal keys mean reuse.
+
+    Thresholds are not in it: a changed threshold re-judges the stored metrics without a rebuild.
+    """
+    payload = json.dumps({"model": model.fingerprint, "spec": spec.canonical(), "golden_sets": GOLDEN_SETS,
+                          "tools": toolchain, "data": _data_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _data_fingerprint() -> str:
+    """Evaluation text, prompts and calibration text: changing any of them changes verdicts or bytes."""
+    from importlib import resources
+
+    digest = hashlib.sha256()
+    for name in ("eval_text.txt", "prompts.txt", "calibration_text.txt"):
+        digest.update(resources.files("exporter.data").joinpath(name).read_bytes())
+    return digest.hexdigest()
+
+
+def fp32_size(model: LoadedModel) -> int:
+    """Bytes of the model's weights in fp32, each stored tensor once (a tied embedding/lm_head counts once)."""
+    seen, total = set(), 0
+    for tensor in model.module.state_dict().values():
+        if tensor.is_floating_point() and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * 4
+    return total
+
+
+def export(
+    target: Target,
+    model: LoadedModel,
+    output_root: Path,
+    *,
+    only: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> ExportSummary:
+    progress = progress or Progress(quiet=True)
+    folder = output_root / target.name / model.name
+    specs = [s for s in target.artifacts if not only or s.format.value in only or s.name in only]
+    if not specs:
+        raise ExportError(f"--only {','.join(only)} matches no artifact of target {target.name} "
+                          f"({', '.join(s.filename for s in target.artifacts)})")
+    reference = fp32_size(model)
+    files.ensure_writable(folder, needed_bytes=reference * 2)
+    files.remove_stale_staging(folder)
+    previous = manifest.read(folder) or {}
+    previous_records = {a["name"]: a for a in previous.get("artifacts", [])}
+    tools = manifest.toolchain()
+
+    if model.language is not None:
+        with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"):
+            golden: Golden | lm_parity.Reference = lm_parity.reference(model.language)
+        np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
+        bundle = bundle_files(folder, model.language)
+    else:
+        golden = make_golden(model, GOLDEN_SETS)
+        golden.save(folder / manifest.GOLDEN)
+        bundle = {}
+    program: torch.export.ExportedProgram | None = model.program
+
+    results = []
+    for spec in specs:
+        key = artifact_key(model, spec, tools)
+        reused = _reusable(folder, spec, key, previous_records.get(spec.name))
+        if reused is not None:
+            reused = _rejudge(reused, spec)
+            progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
+            results.append(ArtifactResult(spec, reused["status"], reused))
+            continue
+        if program is None and model.language is None:
+            with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
+                program = _trace(model)
+        results.append(_build_one(model, program, spec, folder, golden, key, progress))
+
+    # Artifacts of this target that were not rebuilt this time keep their previous records.
+    done = {r.spec.name for r in results}
+    kept = [previous_records[s.name] for s in target.artifacts if s.name not in done and s.name in previous_records]
+    records = [r.record for r in results] + kept
+    order = {s.name: i for i, s in enumerate(target.artifacts)}
+    records.sort(key=lambda r: order.get(r["name"], len(order)))
+    files.write_json(folder / manifest.MANIFEST, {
+        "schema": manifest.SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint,
+                  "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                             for n, t in zip(model.input_names, model.sample_inputs)],
+                  "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
+                  "padding_mask": model.padding_mask,
+                  "fp32_bytes": reference},
+        "target": {"name": target.name, "file": str(target.path), "sha256": target.sha256,
+                   "description": target.description},
+        "golden": {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
+                   "kind": "language-model" if model.language is not None else "tensors", "sets": GOLDEN_SETS},
+        "bundle": bundle,
+        "toolchain": tools,
+        "artifacts": records,
+    })
+    return ExportSummary(folder, results, reference)
+
+
+def _measure_language_model(fmt: Any, spec: ArtifactSpec, path: Path, ref: lm_parity.Reference,
+                            model: LoadedModel, record: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    stepper = fmt.lm_stepper(path, spec.backend)
+    if stepper is None:
+        return None
+    metrics = lm_parity.measure(stepper, ref, model.language.eos_ids)
+    record["generations"] = [model.language.tokenizer.decode(g) for g in metrics.pop("generations")]
+    if spec.format.value == "pte" and (folder / "tokenizer.json").is_file():
+        prompt = model.language.tokenizer.decode(ref.prompt_ids[0])
+        record["text_llm_runner"] = fmt.run_text_llm_runner(path, folder / "tokenizer.json", prompt, len(ref.greedy[0]))
+    return metrics
+
+
+def bundle_files(folder: Path, language: Any) -> dict[str, Any]:
+    """What an app needs beside the model: tokenizer, chat template, generation defaults."""
+    language.tokenizer.save_pretrained(str(folder))
+    for extra in ("special_tokens_map.json",):
+        (folder / extra).unlink(missing_ok=True)
+    if language.chat_template:
+        (folder / "chat_template.jinja").write_text(language.chat_template)
+    generation = {
+        "eos_token_ids": language.eos_ids,
+        "bos_token_id": language.tokenizer.bos_token_id,
+        "context_length": language.max_context,
+        "temperature": language.generation.get("temperature", 0.7),
+        "top_p": language.generation.get("top_p", 0.9),
+        "top_k": language.generation.get("top_k", 50),
+    }
+    files.write_json(folder / "generation_config.json", generation)
+    return {"tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja" if language.chat_template else None,
+            "generation_config": "generation_config.json", **generation}
+
+
+def _trace(model: LoadedModel) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model.module, model.sample_inputs, strict=False)
+    except Exception as exc:
+        raise ExportError(f"torch.export could not trace {model.name}: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+
+
+def _rejudge(record: dict[str, Any], spec: ArtifactSpec) -> dict[str, Any]:
+    """Hold a reused artifact's stored metrics to the target's current thresholds."""
+    record = dict(record, thresholds={k: v for k, v in vars(spec.parity).items() if v is not None})
+    metrics = (record.get("parity") or {}).get("metrics")
+    if metrics is not None and record.get("status") in ("passed", "failed"):
+        record["parity"] = judge(metrics, spec.parity)
+        record["status"] = "passed" if record["parity"]["passed"] else "failed"
+        record["failures"] = record["parity"]["failures"]
+    return record
+
+
+def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not record or record.get("key") != key or record.get("status") not in ("passed", "failed", "pending-mac"):
+        return None
+    path = folder / spec.filename
+    if not path.exists() or files.sha256_of(path) != record.get("sha256"):
+        return None
+    return record
+
+
+def _build_one(
+    model: LoadedModel,
+    program: torch.export.ExportedProgram | None,
+    spec: ArtifactSpec,
+    folder: Path,
+    golden: Golden | lm_parity.Reference,
+    key: str,
+    progress: Progress,
+) -> ArtifactResult:
+    scheme = SCHEMES[spec.quant]
+    record: dict[str, Any] = {
+        "name": spec.name, "file": spec.filename, "format": spec.format.value, "backend": spec.backend,
+        "spec": spec.canonical(), "thresholds": {k: v for k, v in vars(spec.parity).items() if v is not None},
+        "key": key,
+    }
+    began = time.monotonic()
+    fmt = format_module(spec.format.value)
+    destination = folder / spec.filename
+    try:
+        with files.staging(folder) as stage:
+            staged = stage / spec.filename
+            with progress.stage(f"{spec.filename}: {spec.backend}, {spec.quant} ({scheme.summary})"):
+                built = fmt.build(model, program, spec, staged)
+            layers = [d.as_dict() for d in built.layers]
+            record["quantisation"] = {
+                "scheme": spec.quant, "summary": scheme.summary, "group_size": spec.group_size,
+                "quantised_layers": sum(d["quantised"] for d in layers),
+                "float_layers": sum(not d["quantised"] for d in layers), "layers": layers,
+            }
+            record["details"] = built.details
+            record["signature"] = fmt.inspect(staged).as_dict()
+            with progress.stage(f"{spec.filename}: parity against the eager model"):
+                if isinstance(golden, lm_parity.Reference):
+                    metrics = _measure_language_model(fmt, spec, staged, golden, model, record, folder)
+                else:
+                    metrics = measure(spec.format.value, spec.backend, staged, golden, model.logits_outputs,
+                                      model.padding_mask)
+            if metrics is None:
+                checks = fmt.check(staged, [tuple(t.shape) for t in model.sample_inputs], len(model.output_names), layers)
+                record["structural_checks"] = checks
+                passed = all(c["passed"] for c in checks)
+                record["parity"] = {"pending": "numeric parity needs a Mac (Core ML runs only on macOS); "
+                                               "run `edgeship validate` there", "passed": None}
+                status = "pending-mac" if passed else "failed"
+                if not passed:
+                    record["failures"] = [c["check"] for c in checks if not c["passed"]]
+            else:
+                record["parity"] = judge(metrics, spec.parity)
+                status = "passed" if record["parity"]["passed"] else "failed"
+                record["failures"] = record["parity"]["failures"]
+            files.replace(staged, destination)
+            record["companions"] = []
+            for companion in built.companions:
+                files.replace(stage / companion, folder / companion)
+                record["companions"].append({"file": companion, "size": files.size_of(folder / companion),
+                                             "sha256": files.sha256_of(folder / companion)})
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise OutputError(f"{folder}: cannot write {spec.filename} ({exc.strerror}); "
+                              "free some space or choose another --output") from exc
+        raise
+    except ConversionError as exc:
+        progress.say(f"{spec.filename}: FAILED: {exc}")
+        files.remove(destination)
+        record.update(status="error", error=str(exc), seconds=round(time.monotonic() - began, 2))
+        return ArtifactResult(spec, "error", record)
+    record.update(status=status, size=files.size_of(destination), sha256=files.sha256_of(destination),
+                  seconds=round(time.monotonic() - began, 2))
+    progress.say(f"{spec.filename}: {status}, {record['size'] / 1e6:.2f} MB, sha256 {record['sha256'][:12]}")
+    return ArtifactResult(spec, status, record)

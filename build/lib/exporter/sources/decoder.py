@@ -1,0 +1,187 @@
+"""Decoder-only causal language models: local HF checkpoint folders and GGUF files.
+
+The loaded model carries a ``Language`` with the fp32 reference model, its tokenizer, chat template
+and generation defaults; formats build their KV-cache programs from it (see ``exporter.llm``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SourceError
+from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
+from .hf import load_weights_checked, model_name, read_config, weights_fingerprint
+
+# model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
+SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
+             "gpt2": "GPT-2", "phi3": "Phi-3"}
+DEFAULT_CONTEXT = 512
+# GGUF tensor types transformers can dequantise (gguf.GGMLQuantizationType names).
+GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+
+@dataclass
+class Language:
+    causal_lm: nn.Module  # the fp32 reference, never modified
+    tokenizer: Any
+    max_context: int
+    eos_ids: list[int]
+    chat_template: str | None
+    generation: dict[str, Any] = field(default_factory=dict)
+    architecture: str = ""
+
+    def encode_chat(self, question: str) -> list[int]:
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                     add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tokenizer(question)["input_ids"]]
+
+
+def _check_architecture(model_type: str, where: str) -> None:
+    if model_type not in SUPPORTED:
+        raise SourceError(f"{where}: architecture '{model_type}' is not supported for language models; "
+                          f"supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
+
+
+def _context(config: Any, options: SourceOptions, where: str) -> int:
+    limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
+    wanted = options.context_len or min(DEFAULT_CONTEXT, limit)
+    if wanted > limit:
+        raise SourceError(f"{where}: --context-len {wanted} is larger than the model supports ({limit} positions)")
+    if wanted < 16:
+        raise SourceError(f"--context-len {wanted} is too small; use at least 16")
+    return wanted
+
+
+def _eos_ids(tokenizer: Any, config: Any, generation: dict[str, Any]) -> list[int]:
+    ids: list[int] = []
+    for source in (generation.get("eos_token_id"), getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        for value in source if isinstance(source, list) else [source]:
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if end_of_turn is not None and end_of_turn not in ids:
+        ids.append(int(end_of_turn))  # ChatML models end an answer with <|im_end|>
+    return ids
+
+
+def linears_from_conv1d(model: nn.Module) -> int:
+    """GPT-2 keeps its projections in HF's Conv1D (a transposed linear); make them nn.Linear so that every
+    backend's linear quantisation and the layer report see them. Exactly the same function."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+                linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(parent, name, linear)
+                swapped += 1
+    return swapped
+
+
+def _finish(causal_lm: nn.Module, tokenizer: Any, name: str, source: dict[str, Any], print_: str,
+            options: SourceOptions, where: str, generation: dict[str, Any]) -> LoadedModel:
+    causal_lm.eval().requires_grad_(False)
+    linears_from_conv1d(causal_lm)
+    config = causal_lm.config
+    max_context = _context(config, options, where)
+    language = Language(
+        causal_lm=causal_lm, tokenizer=tokenizer, max_context=max_context,
+        eos_ids=_eos_ids(tokenizer, config, generation), chat_template=getattr(tokenizer, "chat_template", None),
+        generation=generation, architecture=config.model_type,
+    )
+    sample = (torch.tensor([[int(tokenizer.bos_token_id or 0)] * 4]), torch.tensor([0]))
+    return LoadedModel(
+        name=name, module=causal_lm, input_names=("tokens", "input_pos"), output_names=("logits",),
+        sample_inputs=sample, source={**source, "architecture": config.model_type, "context_len": max_context},
+        fingerprint=fingerprint(print_, str(max_context)), logits_outputs=frozenset({"logits"}),
+        language=language,
+    )
+
+
+def _tokenizer(loader_folder: Path, where: str, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(loader_folder), local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SourceError(f"{where}: no usable tokenizer ({str(exc).splitlines()[0][:200]}); a language model "
+                          "export needs tokenizer.json or tokenizer.model next to the weights") from exc
+
+
+def load_folder(folder: Path, options: SourceOptions) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(folder)
+    _check_architecture(config.get("model_type", "?"), str(folder))
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise SourceError(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json); a language "
+                          "model needs one for an app-ready bundle. Save it with tokenizer.save_pretrained(folder)")
+    tokenizer = _tokenizer(folder, str(folder))
+    causal_lm = load_weights_checked(AutoModelForCausalLM, folder, dtype=torch.float32)
+    generation_file = folder / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+    return _finish(causal_lm, tokenizer, model_name(folder), {"kind": "hf-folder", "path": str(folder.resolve()),
+                   "task": "text-generation"}, weights_fingerprint(folder), options, str(folder), generation)
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    """Read the GGUF header and tensor table; refuse truncated files and quant types we cannot read."""
+    import gguf
+
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise SourceError(f"{path}: not a GGUF file (bad magic); is it a complete download?")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # numpy/mmap errors on a cut-short file
+        raise SourceError(f"{path}: the GGUF file is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    size = path.stat().st_size
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+            raise SourceError(f"{path}: the GGUF file is truncated (tensor {tensor.name} ends past the end of the file)")
+        kind = tensor.tensor_type.name
+        types[kind] = types.get(kind, 0) + 1
+    unsupported = sorted(set(types) - GGUF_TYPES)
+    if unsupported:
+        raise SourceError(f"{path}: tensor type(s) {', '.join(unsupported)} cannot be read; "
+                          f"supported GGUF types: {', '.join(sorted(GGUF_TYPES))}")
+    field = reader.fields.get("general.architecture")
+    architecture = bytes(field.parts[field.data[0]]).decode() if field else "?"
+    return {"architecture": architecture, "tensor_types": types}
+
+
+def load_gguf(path: Path, options: SourceOptions) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    header = inspect_gguf(path)
+    _check_architecture({"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "gpt2": "gpt2",
+                         "phi3": "phi3"}.get(header["architecture"], header["architecture"]), str(path))
+    tokenizer = _tokenizer(path.parent, str(path), gguf_file=path.name)
+    try:
+        causal_lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                         local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SourceError(f"{path}: transformers could not load this GGUF ({str(exc).splitlines()[0][:200]})") from exc
+    # The GGUF's quantisation config would stop save_pretrained and is not ours to carry further.
+    if getattr(causal_lm.config, "quantization_config", None) is not None:
+        del causal_lm.config.quantization_config
+    name = path.stem.replace(".", "-").lower()
+    generation = {k: v for k, v in causal_lm.generation_config.to_dict().items()
+                  if k in ("eos_token_id", "bos_token_id", "temperature", "top_p", "top_k")}
+    return _finish(causal_lm, tokenizer, name, {"kind": "gguf", "path": str(path.resolve()), "task": "text-generation",
+                   "gguf_tensor_types": header["tensor_types"]}, file_sha256(path), options, str(path), generation)

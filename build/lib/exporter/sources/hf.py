@@ -1,0 +1,179 @@
+"""Local Hugging Face checkpoint folders.
+
+Encoders (feature extraction, sentence embeddings, sequence classification) are handled here;
+decoder-only language models go to ``decoder``. The task comes from the config's architectures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SourceError
+from .base import LoadedModel, SourceOptions, file_sha256, fingerprint, prepare
+
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Edge devices run small models close to the data.",
+    "How far is the moon from the earth?",
+    "I loved this film, the acting was wonderful.",
+    "The service was slow and the food arrived cold.",
+    "Quantised weights make the model four times smaller.",
+    "Paris is the capital and largest city of France.",
+    "Please turn off the lights when you leave the room.",
+)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{folder}: not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        return json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{config_path}: cannot read it ({exc})") from exc
+
+
+def infer_task(config: dict[str, Any], folder: Path) -> str:
+    architectures = config.get("architectures") or []
+    arch = architectures[0] if architectures else ""
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "text-generation"
+    if arch.endswith("ForSequenceClassification"):
+        return "text-classification"
+    if arch.endswith("Model") or arch.endswith("ForMaskedLM") or not arch:
+        return "feature-extraction"
+    raise SourceError(
+        f"{folder}: architecture {arch} is not supported; edgeship exports encoders for feature extraction "
+        "and sequence classification, and decoder-only causal language models"
+    )
+
+
+def weights_fingerprint(folder: Path) -> str:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return fingerprint(*(f"{p.name}:{file_sha256(p)}" for p in files))
+
+
+def model_name(folder: Path) -> str:
+    """The folder's name, or its parent's when the folder is just called ``model`` (as in pip packages)."""
+    folder = folder.resolve()
+    generic = {"model", "models", "checkpoint", "hf", "weights"}
+    name = folder.parent.name if folder.name.lower() in generic else folder.name
+    return name.replace("_", "-")
+
+
+def load_weights_checked(loader: Any, folder: Path, **kwargs: Any) -> nn.Module:
+    """Call a from_pretrained, turning a truncated or corrupt weights file into a SourceError."""
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    present += [p.name for p in folder.glob("model-*.safetensors")]
+    if not present and "gguf_file" not in kwargs:
+        raise SourceError(f"{folder}: no weights (expected {' or '.join(WEIGHT_FILES)})")
+    from safetensors import SafetensorError
+
+    try:
+        return loader.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:
+        weights = ", ".join(present) or kwargs.get("gguf_file", "")
+        raise SourceError(
+            f"{folder}: cannot load the weights ({weights}); the file is truncated or corrupt? "
+            f"Re-copy or re-save the checkpoint. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+
+
+class MeanPooling(nn.Module):
+    """Sentence-transformers' mean pooling (and optional L2 normalisation) inside the exported graph."""
+
+    def __init__(self, encoder: nn.Module, normalize: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=1)
+        return {"last_hidden_state": hidden, "sentence_embedding": pooled}
+
+
+def _sentence_pooling(folder: Path) -> tuple[bool, bool]:
+    """(mean pooling, normalise) from a sentence-transformers modules.json, if there is one."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return False, False
+    modules = json.loads(modules_file.read_text())
+    types = [m.get("type", "") for m in modules]
+    pooling = any(t.endswith("Pooling") for t in types)
+    normalize = any(t.endswith("Normalize") for t in types)
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            cfg = folder / m.get("path", "") / "config.json"
+            if cfg.is_file() and not json.loads(cfg.read_text()).get("pooling_mode_mean_tokens", True):
+                raise SourceError(f"{cfg}: only mean pooling is supported for sentence embeddings")
+    return pooling, normalize
+
+
+def _tokenizer(folder: Path) -> Any:
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{folder}: the tokenizer files are there but do not load ({exc})") from exc
+
+
+def load(folder: Path, options: SourceOptions) -> LoadedModel:
+    config = read_config(folder)
+    task = infer_task(config, folder)
+    if task == "text-generation":
+        from . import decoder
+
+        return decoder.load_folder(folder, options)
+    return load_encoder(folder, config, task, options)
+
+
+def load_encoder(folder: Path, config: dict[str, Any], task: str, options: SourceOptions) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    loader = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    model = load_weights_checked(loader, folder)
+    model.eval().requires_grad_(False)
+    max_positions = int(config.get("max_position_embeddings", 512))
+    seq_len = options.seq_len or min(128, max_positions)
+    if seq_len > max_positions:
+        raise SourceError(f"--seq-len {seq_len} is longer than the model's {max_positions} positions")
+    tokenizer = _tokenizer(folder)
+    vocab = int(config.get("vocab_size", 30522))
+
+    def make_inputs(seed: int) -> dict[str, torch.Tensor]:
+        if tokenizer is not None:
+            texts = [SAMPLE_TEXTS[(seed + i) % len(SAMPLE_TEXTS)] for i in range(options.batch_size)]
+            encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+            return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    pooling, normalize = _sentence_pooling(folder) if task == "feature-extraction" else (False, False)
+    wrapped: nn.Module = MeanPooling(model, normalize) if pooling else model
+    sample = make_inputs(0)
+    flat, names, values, outputs = prepare(wrapped, sample, what=str(folder))
+    return LoadedModel(
+        name=model_name(folder),
+        module=flat, input_names=names, output_names=outputs, sample_inputs=values,
+        source={"kind": "hf-folder", "path": str(folder.resolve()), "task": task,
+                "architecture": (config.get("architectures") or ["?"])[0], "seq_len": seq_len,
+                "tokenizer": tokenizer is not None},
+        fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size)),
+        logits_outputs=frozenset(n for n in outputs if n == "logits"),
+        padding_mask="attention_mask" if "attention_mask" in names else None,
+        make_inputs=lambda seed: tuple(make_inputs(seed).values()),
+    )

@@ -1,0 +1,238 @@
+"""Targets are data: ``targets/<name>.toml`` lists the artifacts a target gets, in order of preference.
+
+Loading is strict, like pypa/build's config checks: an unknown key, an unknown scheme or a wrong
+type fails with the file, the key and a did-you-mean hint. Adding a target means adding a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .errors import TargetError
+from .quant import SCHEMES, TFLITE_BLOCK_SIZES, supported_schemes
+from .suggest import did_you_mean
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+class Format(StrEnum):
+    PTE = "pte"
+    MLPACKAGE = "mlpackage"
+    TFLITE = "tflite"
+
+
+BACKENDS: dict[Format, tuple[str, ...]] = {
+    Format.PTE: ("xnnpack", "coreml", "portable"),
+    Format.MLPACKAGE: ("mlprogram",),
+    Format.TFLITE: ("litert",),
+}
+DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
+PRECISIONS = ("fp32", "fp16")
+# Options only some formats understand; any other use is an error, not a warning.
+FORMAT_OPTIONS: dict[str, set[tuple[Format, str | None]]] = {
+    "compute_precision": {(Format.MLPACKAGE, None), (Format.PTE, "coreml")},
+    "deployment_target": {(Format.MLPACKAGE, None), (Format.PTE, "coreml")},
+}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Thresholds an artifact must meet against the eager model on fresh inputs."""
+
+    max_abs_error: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None  # argmax agreement, for outputs that are logits
+    # Language models (teacher-forced next token, greedy generation).
+    min_token_agreement: float | None = None
+    max_mean_kl: float | None = None
+    min_greedy_match: float | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    name: str
+    format: Format
+    backend: str
+    quant: str
+    group_size: int | None
+    compute_precision: str
+    deployment_target: str | None
+    skip_layers: tuple[str, ...]
+    parity: Parity
+    embedding_quant: str | None = None  # language models: "int8" embedding table
+    smoothing: float | None = None  # language models: SmoothQuant alpha before int8 dynamic activations
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.{self.format.value}"
+
+    def canonical(self) -> dict[str, Any]:
+        """Everything that changes the artifact's bytes; used in cache keys and the manifest."""
+        return {
+            "name": self.name, "format": self.format.value, "backend": self.backend, "quant": self.quant,
+            "group_size": self.group_size, "compute_precision": self.compute_precision,
+            "deployment_target": self.deployment_target, "skip_layers": list(self.skip_layers),
+            "embedding_quant": self.embedding_quant, "smoothing": self.smoothing,
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    path: Path
+    description: str
+    artifacts: tuple[ArtifactSpec, ...]
+    sha256: str = field(repr=False)
+
+
+_TOP_KEYS = {"description": str, "artifact": list}
+_ARTIFACT_KEYS = {
+    "name": str, "format": str, "backend": str, "quant": str, "group_size": int,
+    "compute_precision": str, "deployment_target": str, "skip_layers": list, "parity": dict,
+    "embedding_quant": str, "smoothing": float,
+}
+_PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
+_EMBEDDING_QUANTS = ("int8",)
+
+
+def _type_name(expected: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}[expected]
+
+
+def _check_keys(table: dict[str, Any], allowed: dict[str, type], where: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise TargetError(f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}")
+        expected = allowed[key]
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise TargetError(f"{where}: key '{key}' must be {_type_name(expected)}, got {value!r}")
+
+
+def _choice(value: str, choices: tuple[str, ...] | list[str], where: str, key: str) -> str:
+    if value not in choices:
+        raise TargetError(
+            f"{where}: {key} '{value}' is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
+        )
+    return value
+
+
+def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
+    _check_keys(raw, _ARTIFACT_KEYS, where)
+    for required in ("format", "quant", "parity"):
+        if required not in raw:
+            raise TargetError(f"{where}: missing key '{required}'")
+    fmt = Format(_choice(raw["format"], [f.value for f in Format], where, "format"))
+    backend = _choice(raw.get("backend", BACKENDS[fmt][0]), BACKENDS[fmt], where, "backend")
+    quant = _choice(raw["quant"], list(SCHEMES), where, "quant")
+    if quant not in supported_schemes(fmt.value):
+        raise TargetError(
+            f"{where}: quant '{quant}' is not available for .{fmt.value}; "
+            f"use one of {', '.join(supported_schemes(fmt.value))}"
+        )
+    scheme = SCHEMES[quant]
+    group_size = raw.get("group_size")
+    if scheme.grouped and group_size is None:
+        raise TargetError(f"{where}: quant '{quant}' needs group_size (e.g. group_size = 32)")
+    if group_size is not None:
+        if scheme.weight_bits is None:
+            raise TargetError(f"{where}: group_size has no meaning for quant '{quant}'; remove it")
+        if group_size <= 0 or group_size & (group_size - 1):
+            raise TargetError(f"{where}: group_size must be a power of two, got {group_size}")
+        if fmt is Format.TFLITE and group_size not in TFLITE_BLOCK_SIZES:
+            raise TargetError(
+                f"{where}: .tflite block-wise weights need group_size in {TFLITE_BLOCK_SIZES}, got {group_size}"
+            )
+    for option, allowed in FORMAT_OPTIONS.items():
+        if option in raw and (fmt, None) not in allowed and (fmt, backend) not in allowed:
+            raise TargetError(f"{where}: key '{option}' is not understood by .{fmt.value} ({backend}); remove it")
+    precision = _choice(raw.get("compute_precision", "fp32"), PRECISIONS, where, "compute_precision")
+    if quant == "fp16":
+        precision = "fp16"
+    deployment = raw.get("deployment_target")
+    if deployment is not None:
+        _choice(deployment, DEPLOYMENT_TARGETS, where, "deployment_target")
+    if fmt is Format.MLPACKAGE:
+        deployment = deployment or "iOS17"
+        if group_size and deployment in ("iOS16", "iOS17"):
+            raise TargetError(
+                f"{where}: block-wise Core ML weights (group_size) need deployment_target = \"iOS18\" or later"
+            )
+    smoothing = raw.get("smoothing")
+    if smoothing is not None:
+        if not scheme.dynamic_activations:
+            raise TargetError(f"{where}: smoothing only helps schemes with int8 dynamic activations, not '{quant}'; remove it")
+        if not 0.0 < smoothing < 1.0:
+            raise TargetError(f"{where}: smoothing is SmoothQuant's alpha and must be between 0 and 1, got {smoothing}")
+    embedding_quant = raw.get("embedding_quant")
+    if embedding_quant is not None:
+        _choice(embedding_quant, _EMBEDDING_QUANTS, where, "embedding_quant")
+    parity_raw = raw["parity"]
+    _check_keys(parity_raw, _PARITY_KEYS, f"{where}: parity")
+    if not parity_raw:
+        raise TargetError(f"{where}: parity must set at least one threshold (e.g. min_cosine = 0.99)")
+    skip_layers = raw.get("skip_layers", [])
+    if not all(isinstance(p, str) for p in skip_layers):
+        raise TargetError(f"{where}: skip_layers must be a list of layer-name patterns (strings)")
+    name = raw.get("name") or f"{backend}-{quant}"
+    return ArtifactSpec(
+        name=name, format=fmt, backend=backend, quant=quant, group_size=group_size,
+        compute_precision=precision, deployment_target=deployment, skip_layers=tuple(skip_layers),
+        parity=Parity(**{k: float(v) for k, v in parity_raw.items()}), embedding_quant=embedding_quant,
+        smoothing=float(smoothing) if smoothing is not None else None,
+    )
+
+
+def load_target_file(path: Path) -> Target:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TargetError(f"{path}: cannot read target file ({exc.strerror})") from exc
+    try:
+        raw = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TargetError(f"{path}: not valid TOML ({exc})") from exc
+    _check_keys(raw, _TOP_KEYS, str(path))
+    if not raw.get("artifact"):
+        raise TargetError(f"{path}: no [[artifact]] tables; a target must list at least one artifact")
+    artifacts = []
+    for index, table in enumerate(raw["artifact"], start=1):
+        if not isinstance(table, dict):
+            raise TargetError(f"{path}: artifact {index}: must be a table ([[artifact]])")
+        artifacts.append(_artifact(table, f"{path}: artifact {index}"))
+    names = [a.name for a in artifacts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise TargetError(f"{path}: artifact names must be unique; '{duplicates[0]}' appears twice (set name = ...)")
+    return Target(
+        name=path.stem, path=path, description=raw.get("description", ""),
+        artifacts=tuple(artifacts), sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def known_targets(directory: Path = TARGETS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.toml"))
+
+
+def load_target(name_or_path: str, directory: Path = TARGETS_DIR) -> Target:
+    """Load a target by name (``android``) or by path to a .toml file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml":
+        if not candidate.is_file():
+            raise TargetError(f"target file {candidate} does not exist")
+        return load_target_file(candidate)
+    path = directory / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = known_targets(directory)
+        raise TargetError(
+            f"unknown target '{name_or_path}'{did_you_mean(name_or_path, known)}; "
+            f"known targets: {', '.join(known)} (add one as {directory}/<name>.toml)"
+        )
+    return load_target_file(path)
