@@ -57,15 +57,18 @@ test: $(STAMP) system-packages
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Export (reused when unchanged), then time every artifact against eager PyTorch, alternating engines.
+# Shell snippet: export (reused when unchanged) and set $$folder to the export folder (the CLI's last line
+# is the manifest's path).
+EXPORT_FOLDER = manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) \
+	--output $(OUTPUT) -q $(ARGS) | tail -1); folder=$$(dirname "$$manifest")
+
+# Time every artifact against eager PyTorch, alternating engines.
 bench: $(STAMP)
-	@manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) -q $(ARGS) | tail -1); \
-	$(BIN)/python -m exporter.bench "$$(dirname "$$manifest")" $(BENCH_RUNS)
+	@$(EXPORT_FOLDER); $(BIN)/python -m exporter.bench "$$folder" $(BENCH_RUNS)
 
 # Export (reused when unchanged), then run it on every device of the inventory that serves TARGET.
 device-test: $(STAMP)
-	@manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) -q $(ARGS) | tail -1); \
-	$(BIN)/edgeship device-test "$$(dirname "$$manifest")" --devices $(DEVICES) $(if $(DEVICE),--device $(DEVICE))
+	@$(EXPORT_FOLDER); $(BIN)/edgeship device-test "$$folder" --devices $(DEVICES) $(if $(DEVICE),--device $(DEVICE))
 
 devices-check: $(STAMP)
 	$(BIN)/edgeship devices check --devices $(DEVICES)

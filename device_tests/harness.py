@@ -76,8 +76,9 @@ def _remote(device: DeviceSpec, *parts: str) -> str:
     return "/".join([device.workdir.rstrip("/"), *parts])
 
 
-def run_device(spec: DeviceSpec, export_folder: Path, run_folder: Path, settings: Settings) -> DeviceOutcome:
-    data = manifest.require(export_folder)
+def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_folder: Path,
+               settings: Settings) -> DeviceOutcome:
+    """One device, start to end; ``data`` is the export's manifest."""
     log_path = run_folder / f"{spec.name}.log"
     device = SshDevice(spec, known_hosts=settings.known_hosts, trust_new_hosts=settings.trust_new_hosts)
     q = shlex.quote
@@ -165,7 +166,7 @@ def run_devices(specs: list[DeviceSpec], export_folder: Path, results_root: Path
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
-        outcomes = list(pool.map(lambda s: run_device(s, export_folder, run_folder, settings), specs))
+        outcomes = list(pool.map(lambda s: run_device(s, export_folder, data, run_folder, settings), specs))
     files.write_json(run_folder / "summary.json", {"devices": {o.device: {"ok": o.ok, "reason": o.reason}
                                                                for o in outcomes}})
     return run_folder, outcomes

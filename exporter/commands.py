@@ -66,7 +66,7 @@ def targets_command() -> int:
 
 def validate_command(folder: Path) -> int:
     from .formats import format_module
-    from .validate import Golden, judge, measure
+    from .validate import Golden, measure, record_verdict
 
     data = manifest.require(folder)
     model = data["model"]
@@ -92,9 +92,7 @@ def validate_command(folder: Path) -> int:
             record["structural_checks"] = checks
             record["status"] = "pending-mac" if all(c["passed"] for c in checks) else "failed"
         else:
-            record["parity"] = judge(metrics, Parity(**record["thresholds"]))
-            record["status"] = "passed" if record["parity"]["passed"] else "failed"
-            record["failures"] = record["parity"]["failures"]
+            record_verdict(record, metrics, Parity(**record["thresholds"]))
         if record["status"] == "failed":
             failed.append(record)
     data["validated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -27,7 +27,7 @@ from .progress import Progress
 from .quant import SCHEMES
 from .sources import LoadedModel
 from .targets import ArtifactSpec, Target
-from .validate import Golden, judge, make_golden, measure
+from .validate import Golden, make_golden, measure, record_verdict
 
 GOLDEN_SETS = 4
 OK_STATUSES = ("passed", "pending-mac")
@@ -203,9 +203,7 @@ def _rejudge(record: dict[str, Any], spec: ArtifactSpec) -> dict[str, Any]:
     record = dict(record, thresholds={k: v for k, v in vars(spec.parity).items() if v is not None})
     metrics = (record.get("parity") or {}).get("metrics")
     if metrics is not None and record.get("status") in ("passed", "failed"):
-        record["parity"] = judge(metrics, spec.parity)
-        record["status"] = "passed" if record["parity"]["passed"] else "failed"
-        record["failures"] = record["parity"]["failures"]
+        record_verdict(record, metrics, spec.parity)
     return record
 
 
@@ -265,9 +263,8 @@ def _build_one(
                 if not passed:
                     record["failures"] = [c["check"] for c in checks if not c["passed"]]
             else:
-                record["parity"] = judge(metrics, spec.parity)
-                status = "passed" if record["parity"]["passed"] else "failed"
-                record["failures"] = record["parity"]["failures"]
+                record_verdict(record, metrics, spec.parity)
+                status = record["status"]
             files.replace(staged, destination)
             record["companions"] = []
             for companion in built.companions:

@@ -135,6 +135,20 @@ class LayerDecision:
                 "shape": list(self.shape), "quantised": self.quantised, "detail": self.reason}
 
 
+def confirm(plan: list[LayerDecision], found: dict[str, str], missing_reason: str) -> list[LayerDecision]:
+    """Hold the plan to what the artifact really holds: ``found`` maps each layer whose weight is
+    quantised in the artifact to a note on how ("" for none); a planned layer missing from it is
+    reported as float with ``missing_reason``, never lost silently."""
+    confirmed = []
+    for d in plan:
+        if d.quantised and d.name not in found:
+            d = LayerDecision(d.name, d.kind, d.shape, False, missing_reason)
+        elif d.quantised and found[d.name]:
+            d = LayerDecision(d.name, d.kind, d.shape, True, f"{d.reason} ({found[d.name]})")
+        confirmed.append(d)
+    return confirmed
+
+
 def plan_layers(
     module: nn.Module,
     scheme: Scheme,

@@ -74,6 +74,13 @@ def measure(fmt: str, backend: str, path: Path, golden: Golden, logits_outputs: 
     return parity.compare(golden.outputs, actual, golden.output_names, logits_outputs, masks)
 
 
+def record_verdict(record: dict[str, Any], metrics: dict[str, Any], thresholds: Parity) -> None:
+    """Judge measured metrics against thresholds and write parity, status and failures into a manifest record."""
+    record["parity"] = judge(metrics, thresholds)
+    record["status"] = "passed" if record["parity"]["passed"] else "failed"
+    record["failures"] = record["parity"]["failures"]
+
+
 def judge(metrics: dict[str, float], thresholds: Parity) -> dict[str, Any]:
     checks, not_applicable = parity.check(metrics, thresholds)
     return {

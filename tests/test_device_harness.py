@@ -260,4 +260,4 @@ workdir = "{tmp_path / 'work'}"
                      str(lab["known_hosts"]), "--results", str(tmp_path / "results"))
     assert result.returncode == 1
     assert "error: bare board: bare board (x86_64, runtimes: none) cannot run any artifact" in result.stderr
-    assert f"--device 'bare board'" in result.stderr
+    assert "--device 'bare board'" in result.stderr

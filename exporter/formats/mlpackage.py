@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..quant import SCHEMES, LayerDecision, library_config, plan_layers
+from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
@@ -95,18 +95,13 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
 
 
 def _reconcile(plan: list[LayerDecision], compressed: dict[str, str]) -> list[LayerDecision]:
-    """The artifact is the truth: report each layer as compressed only if its weight really is."""
-    result = []
+    """Report each layer as compressed only if its weight really is, with the constexpr op that holds it."""
+    found = {}
     for decision in plan:
-        stem = _mil_name(decision.name)
-        hit = next((op for name, op in compressed.items() if name.startswith(stem)), None)
-        if decision.quantised and hit is None:
-            decision = LayerDecision(decision.name, decision.kind, decision.shape, False,
-                                     "coremltools left this weight uncompressed")
-        elif decision.quantised:
-            decision = LayerDecision(decision.name, decision.kind, decision.shape, True, f"{decision.reason} ({hit})")
-        result.append(decision)
-    return result
+        hit = next((op for name, op in compressed.items() if name.startswith(_mil_name(decision.name))), None)
+        if hit is not None:
+            found[decision.name] = hit
+    return confirm(plan, found, "coremltools left this weight uncompressed")
 
 
 def load(path: Path, backend: str = "mlprogram") -> Runner | None:

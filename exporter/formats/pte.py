@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConversionError
-from ..quant import SCHEMES, LayerDecision, library_config, plan_layers
+from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
@@ -33,16 +33,10 @@ def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = Fa
     chosen = {d.name for d in plan if d.quantised}
     quantize_(module, library_config("pte", spec.quant, spec.group_size),
               filter_fn=lambda layer, fqn: fqn in chosen)
-    # Check the plan against what torchao did: a layer it passed over is reported, not lost.
-    checked = []
-    for decision in plan:
-        if decision.quantised:
-            weight = module.get_submodule(decision.name).weight
-            if type(weight) in (torch.Tensor, torch.nn.Parameter):
-                decision = LayerDecision(decision.name, decision.kind, decision.shape, False,
-                                         "torchao left this layer float")
-        checked.append(decision)
-    return module, checked
+    # torchao swaps a quantised weight for a tensor subclass; a plain tensor means it passed the layer over.
+    found = {d.name: "" for d in plan if d.quantised
+             and type(module.get_submodule(d.name).weight) not in (torch.Tensor, torch.nn.Parameter)}
+    return module, confirm(plan, found, "torchao left this layer float")
 
 
 def partitioners(spec: ArtifactSpec) -> list[Any]:
@@ -135,17 +129,24 @@ def load_runtime_extensions() -> None:
             pass
 
 
-def load(path: Path, backend: str = "xnnpack") -> Runner | None:
+def _forward_method(path: Path, backend: str) -> Any | None:
+    """The program's forward method on this host's runtime, or None where it cannot run (Core ML off macOS)."""
     if backend == "coreml" and platform.system() != "Darwin":
         return None  # the Core ML delegate executes only on Apple hardware
     from executorch.runtime import Runtime
 
     load_runtime_extensions()
     try:
-        method = Runtime.get().load_program(str(path)).load_method("forward")
+        return Runtime.get().load_program(str(path)).load_method("forward")
     except RuntimeError as exc:
         raise ConversionError(path.name, f"the ExecuTorch runtime cannot load the program ({exc}); "
                                          "an operator in it has no kernel in this runtime") from exc
+
+
+def load(path: Path, backend: str = "xnnpack") -> Runner | None:
+    method = _forward_method(path, backend)
+    if method is None:
+        return None
     meta = method.metadata
     dtypes = [_dtype(meta.input_tensor_meta(i)) for i in range(meta.num_inputs())]
 
@@ -243,12 +244,9 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
 
 def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
     """Feed tokens at a position, get the last token's logits: how lm_parity drives a .pte."""
-    if backend == "coreml" and platform.system() != "Darwin":
+    method = _forward_method(path, backend)
+    if method is None:
         return None
-    from executorch.runtime import Runtime
-
-    load_runtime_extensions()
-    method = Runtime.get().load_program(str(path)).load_method("forward")
 
     def step(tokens: list[int], start_pos: int) -> np.ndarray:
         out = method.execute([torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long)])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConversionError
-from ..quant import SCHEMES, LayerDecision, library_config, plan_layers
+from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
@@ -126,15 +126,14 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
     selected = [op for op in ops if layer_of.get(op["scope"]) in chosen]
     quantised_bytes = _quantise(flatbuffer, selected, library_config("tflite", spec.quant, spec.group_size), spec)
     destination.write_bytes(quantised_bytes)
-    scopes = quantised_scopes(quantised_bytes)
-    found = {layer_of[op["scope"]] for op in selected if op["scope"] in scopes}
-    layers = []
-    for decision in plan:
-        if decision.quantised and decision.name not in found:
-            decision = LayerDecision(decision.name, decision.kind, decision.shape, False,
-                                     "no quantised FULLY_CONNECTED weight found for it in the flatbuffer")
-        layers.append(decision)
-    return Built(layers=layers, details={"fully_connected_ops": len(ops)})
+    return Built(layers=_confirm(plan, ops, layer_of, quantised_bytes), details={"fully_connected_ops": len(ops)})
+
+
+def _confirm(plan: list[LayerDecision], ops: list[dict[str, Any]], layer_of: dict[str, str],
+             quantised: bytes) -> list[LayerDecision]:
+    scopes = quantised_scopes(quantised)
+    found = {layer_of[op["scope"]]: "" for op in ops if op["scope"] in scopes and op["scope"] in layer_of}
+    return confirm(plan, found, "no quantised FULLY_CONNECTED weight found for it in the flatbuffer")
 
 
 def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, Any], spec: ArtifactSpec) -> bytes:
@@ -175,12 +174,17 @@ def quantised_scopes(flatbuffer: bytes) -> set[str]:
             if op["op_name"] == "FULLY_CONNECTED" and stored_as_integers(int(op["inputs"][1]))}
 
 
+def _position(name: str) -> int:
+    """litert-torch names signature tensors args_0, args_1, ... / output_0, ...: order them by number."""
+    return int(re.sub(r"\D", "", name) or 0)
+
+
 def load(path: Path, backend: str = "litert") -> Runner:
     interpreter = _interpreter(path=path)
     runner = interpreter.get_signature_runner()
     inputs = runner.get_input_details()
-    order = sorted(inputs, key=lambda k: int(re.sub(r"\D", "", k) or 0))
-    outputs = sorted(runner.get_output_details(), key=lambda k: int(re.sub(r"\D", "", k) or 0))
+    order = sorted(inputs, key=_position)
+    outputs = sorted(runner.get_output_details(), key=_position)
 
     def run(values: list[np.ndarray]) -> list[np.ndarray]:
         feed = {name: np.asarray(v).astype(inputs[name]["dtype"]) for name, v in zip(order, values)}
@@ -197,7 +201,7 @@ def inspect(path: Path) -> Signature:
     runner = interpreter.get_signature_runner("decode" if "decode" in names and len(names) > 1 else names[0])
 
     def specs(details: dict[str, Any]) -> tuple[TensorSpec, ...]:
-        ordered = sorted(details, key=lambda k: int(re.sub(r"\D", "", k) or 0))
+        ordered = sorted(details, key=_position)
         return tuple(TensorSpec(k, np.dtype(details[k]["dtype"]).name, tuple(int(s) for s in details[k]["shape"]))
                      for k in ordered)
 
@@ -289,12 +293,7 @@ def _decoder_layer_report(model: LoadedModel, spec: ArtifactSpec, float_path: Pa
     weights = {name: m.weight.detach().numpy() for name, m in model.language.causal_lm.named_modules()
                if isinstance(m, torch.nn.Linear)}
     ops = fully_connected_ops(float_path.read_bytes())
-    layer_of = match_layers(ops, weights)
-    scopes = quantised_scopes(quantised_path.read_bytes())
-    found = {layer_of[op["scope"]] for op in ops if op["scope"] in scopes and op["scope"] in layer_of}
-    return [d if not d.quantised or d.name in found else
-            LayerDecision(d.name, d.kind, d.shape, False, "no quantised FULLY_CONNECTED weight found for it")
-            for d in plan]
+    return _confirm(plan, ops, match_layers(ops, weights), quantised_path.read_bytes())
 
 
 def lm_stepper(path: Path, backend: str = "litert") -> Any:

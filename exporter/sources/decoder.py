@@ -169,8 +169,7 @@ def load_gguf(path: Path, options: SourceOptions) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     header = inspect_gguf(path)
-    _check_architecture({"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "gpt2": "gpt2",
-                         "phi3": "phi3"}.get(header["architecture"], header["architecture"]), str(path))
+    _check_architecture(header["architecture"], str(path))  # GGUF and HF name these architectures alike
     tokenizer = _tokenizer(path.parent, str(path), gguf_file=path.name)
     try:
         causal_lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
