@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -158,14 +157,12 @@ def test_board_lost_mid_run(lab: dict, tmp_path: Path) -> None:
     known = tmp_path / "known_hosts"
     known.write_text(board.known_hosts_line() + lab["boards"]["x86"].known_hosts_line())
     threading.Timer(2.5, board.stop).start()
-    began = time.time()
     outcomes = run_devices([spec(board, lab), spec(lab["boards"]["x86"], lab, "steady")], lab["export"], tmp_path / "r",
                            settings(lab, known_hosts=known))[1]
     by_name = {o.device: o for o in outcomes}
     reason = by_name["fragile"].reason
     assert not by_name["fragile"].ok and ("connection lost" in reason or "did not complete" in reason), reason
     assert by_name["steady"].ok
-    assert time.time() - began < 60
 
 
 def test_hostile_names_and_paths_reach_the_shell_quoted(lab: dict, tmp_path: Path) -> None:
