@@ -12,7 +12,7 @@ from exporter.errors import DeviceError
 
 from .harness import Settings, run_devices
 from .inventory import load_inventory
-from .report import render_markdown, write_report
+from .report import write_reports
 from .transport import SshDevice
 
 
@@ -45,10 +45,14 @@ def device_test_command(args: argparse.Namespace) -> int:
     settings = Settings(iterations=args.iterations, warmup=args.warmup, time_budget_s=args.time_budget,
                         trust_new_hosts=args.trust_new_hosts,
                         known_hosts=Path(args.known_hosts) if args.known_hosts else None)
+    baseline = _baseline(args)
     run_folder, outcomes = run_devices(devices, folder, Path(args.results), settings)
-    report = write_report(run_folder)
-    print(report.read_text())
-    print(f"{run_folder}")
+    comparison = None
+    if baseline is not None:  # the run wrote its reports; add the comparison to them
+        _, comparison = write_reports(run_folder, baseline, args.regression_threshold)
+    print((run_folder / "report.md").read_text())
+    print("reports: report.md, report.html, summary.json in")
+    print(run_folder)
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         print(f"error: {outcome.device}: {outcome.reason}", file=sys.stderr)
@@ -56,7 +60,28 @@ def device_test_command(args: argparse.Namespace) -> int:
         again = " ".join(["edgeship", "device-test", shlex.quote(str(folder)), "--devices", shlex.quote(args.devices),
                           "--device", shlex.quote(",".join(o.device for o in failed))])
         print(f"re-run only the failed devices: {again}", file=sys.stderr)
-    return 1 if failed else 0
+        return 1
+    return _regression_exit(comparison)
+
+
+def _baseline(args: argparse.Namespace) -> Path | None:
+    """Checked before any device is touched: a typo must not cost a whole run."""
+    if not args.baseline:
+        return None
+    baseline = Path(args.baseline)
+    if not (baseline / "run.json").is_file():
+        raise DeviceError(f"--baseline {baseline}: not a device run folder (no run.json); pass results/<run>")
+    if args.regression_threshold <= 0:
+        raise DeviceError(f"--regression-threshold must be above 0 (0.10 is 10%), got {args.regression_threshold}")
+    return baseline
+
+
+def _regression_exit(comparison) -> int:  # noqa: ANN001  (report.Comparison | None)
+    if comparison is None or not comparison.regressions:
+        return 0
+    for line in comparison.regressions:
+        print(f"regression: {line['device']} / {line['artifact']}: {'; '.join(line['notes'])}", file=sys.stderr)
+    return 3
 
 
 def devices_check_command(args: argparse.Namespace) -> int:
@@ -86,6 +111,7 @@ def report_command(args: argparse.Namespace) -> int:
     folder = Path(args.run)
     if not (folder / "run.json").is_file():
         raise DeviceError(f"{folder}: not a device run folder (no run.json)")
-    print(render_markdown(folder))
-    write_report(folder)
-    return 0
+    report, comparison = write_reports(folder, _baseline(args), args.regression_threshold)
+    print(report.read_text())
+    print(f"reports: report.md, report.html, summary.json in\n{folder}")
+    return _regression_exit(comparison)

@@ -22,6 +22,7 @@ from exporter.errors import DeviceError
 
 from . import runner as runner_module
 from .inventory import DeviceSpec
+from .report import write_reports
 from .transport import SshDevice
 
 RUNTIMES_FOR = {"tflite": ("ai_edge_litert", "tflite_runtime"), "pte": ("executorch",)}
@@ -167,6 +168,5 @@ def run_devices(specs: list[DeviceSpec], export_folder: Path, results_root: Path
     })
     with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
         outcomes = list(pool.map(lambda s: run_device(s, export_folder, data, run_folder, settings), specs))
-    files.write_json(run_folder / "summary.json", {"devices": {o.device: {"ok": o.ok, "reason": o.reason}
-                                                               for o in outcomes}})
+    write_reports(run_folder)
     return run_folder, outcomes

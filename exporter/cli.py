@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="re-run the parity check on an existing export folder")
     validate.add_argument("folder", help="an export folder holding manifest.json")
 
+    def baseline_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--baseline", default=None,
+                         help="a previous run folder: flag regressions against it and exit 3 if there are any")
+        sub.add_argument("--regression-threshold", type=float, default=0.10,
+                         help="how much slower at p50 counts as a regression (default 0.10 = 10%%)")
+
     def device_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--devices", default="devices.toml", help="the device inventory (default devices.toml)")
         sub.add_argument("--device", default="", help="comma-separated device names (default: all serving the target)")
@@ -72,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     device_test.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations (default 3)")
     device_test.add_argument("--time-budget", type=float, default=60.0, help="stop timing after this many seconds")
     device_test.add_argument("--results", default="results", help="where run folders go (default results/)")
+    baseline_options(device_test)
 
     devices = commands.add_parser("devices", help="inspect the device inventory")
     devices_commands = devices.add_subparsers(dest="devices_command", required=True, metavar="command")
@@ -80,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="re-render a device run's report")
     report.add_argument("run", help="a run folder under results/")
+    baseline_options(report)
     return parser
 
 

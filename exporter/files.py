@@ -69,11 +69,15 @@ def remove_stale_staging(folder: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+def write_text(path: Path, text: str) -> None:
+    """Write next to the destination, then rename: a reader never sees half a file."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def ensure_writable(folder: Path, *, needed_bytes: int = 0) -> None:

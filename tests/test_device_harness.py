@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -234,6 +235,27 @@ targets = ["android"]
     assert (run_folder / "report.md").is_file()
     again = run_cli("report", str(run_folder))
     assert again.returncode == 0 and "| x86 | xnnpack-int8-dynamic |" in again.stdout
+    page = (run_folder / "report.html").read_text()
+    assert page.count("<svg") == 3 and "<script" not in page and "src=" not in page  # plots inline, nothing fetched
+    summary = json.loads((run_folder / "summary.json").read_text())
+    assert summary["ok"] and summary["devices"]["pi"]["artifacts"]["litert-int8-dynamic"]["passed"]
+
+    # A baseline in which x86 ran twice as fast: the same run is now a regression, and CI can gate on it.
+    baseline = tmp_path / "results" / "faster-baseline"
+    shutil.copytree(run_folder, baseline)
+    x86_result = json.loads((baseline / "x86.json").read_text())
+    for measured in x86_result["artifacts"].values():
+        measured["latency_ms"]["p50"] /= 2
+    (baseline / "x86.json").write_text(json.dumps(x86_result))
+    gated = run_cli("report", str(run_folder), "--baseline", str(baseline))
+    assert gated.returncode == 3, gated.stderr
+    assert "regression: x86 / xnnpack-int8-dynamic: p50" in gated.stderr and "regression: pi" not in gated.stderr
+    regressions = json.loads((run_folder / "summary.json").read_text())["baseline"]["regressions"]
+    assert {r["device"] for r in regressions} == {"x86"} and len(regressions) == 2
+    assert "REGRESSION" in (run_folder / "report.html").read_text()
+    assert run_cli("report", str(run_folder), "--baseline", str(run_folder)).returncode == 0
+    typo = run_cli("device-test", str(lab["export"]), *common, "--baseline", str(tmp_path / "nope"))
+    assert typo.returncode == 2 and "not a device run folder" in typo.stderr
     adb = run_cli("device-test", str(lab["export"]), *common, "--device", "pixel")
     assert adb.returncode == 2 and "error: pixel: the adb and mac transports are not implemented yet" in adb.stderr
 
@@ -258,3 +280,15 @@ workdir = "{tmp_path / 'work'}"
     assert result.returncode == 1
     assert "error: bare board: bare board (x86_64, runtimes: none) cannot run any artifact" in result.stderr
     assert "--device 'bare board'" in result.stderr
+
+
+def test_html_report_escapes_names_from_the_inventory(tmp_path: Path) -> None:
+    from device_tests.report import render_html
+
+    hostile = "<script>alert(1)</script>"
+    (tmp_path / "run.json").write_text(json.dumps({
+        "export": "dist/x", "manifest_sha256": "0" * 64, "target": "raspberry-pi", "model": "m",
+        "devices": [hostile], "runner_version": "2", "settings": {}, "started": "now"}))
+    page = render_html(tmp_path)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "no result (the run was interrupted)" in page
