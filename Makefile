@@ -17,6 +17,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 DEVICES ?= devices.toml
 DEVICE ?=
+BASELINE ?=
 
 BENCH_RUNS ?= 3
 
@@ -68,7 +69,7 @@ bench: $(STAMP)
 
 # Export (reused when unchanged), then run it on every device of the inventory that serves TARGET.
 device-test: $(STAMP)
-	@$(EXPORT_FOLDER); $(BIN)/edgeship device-test "$$folder" --devices $(DEVICES) $(if $(DEVICE),--device $(DEVICE))
+	@$(EXPORT_FOLDER); $(BIN)/edgeship device-test "$$folder" --devices $(DEVICES) $(if $(DEVICE),--device $(DEVICE)) $(if $(BASELINE),--baseline $(BASELINE))
 
 devices-check: $(STAMP)
 	$(BIN)/edgeship devices check --devices $(DEVICES)

@@ -55,13 +55,14 @@ def new_run_folder(root: Path) -> Path:
 
 def plan(data: dict[str, Any], facts: dict[str, Any], device: DeviceSpec) -> list[dict[str, Any]]:
     """The artifacts of this export the device can run, or a DeviceError saying why none."""
-    if data["golden"].get("kind") == "language-model":
-        raise DeviceError(f"{device.name}: on-device runs of language models are not implemented yet "
-                          "(tensor models only in this version)")
+    language_model = data["golden"].get("kind") == "language-model"
     present = set(facts.get("runtimes", {}))
     runnable, missing = [], set()
     for record in data["artifacts"]:
         if record.get("status") not in ("passed", "failed") or record["format"] not in RUNTIMES_FOR:
+            continue
+        if language_model and record["format"] != "pte":
+            missing.add(f"language-model .{record['format']} artifacts do not run on devices yet (.pte ones do)")
             continue
         if present & set(RUNTIMES_FOR[record["format"]]):
             runnable.append(record)
@@ -114,7 +115,7 @@ def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
         for name, sha in to_push.items():  # the job sees the artifacts under their own names
             device.run(f"ln -sf {q(_remote(spec, 'cache', sha + Path(name).suffix))} {q(job_dir + '/' + name)}")
         model = data["model"]
-        job = {"workdir": job_dir, "inputs": [i["name"] for i in model["inputs"]], "outputs": model["outputs"],
+        job = {"workdir": job_dir, "kind": data["golden"].get("kind", "tensors"), "inputs": [i["name"] for i in model["inputs"]], "outputs": model["outputs"],
                "logits_outputs": model.get("logits_outputs", []), "padding_mask": model.get("padding_mask"),
                "golden_sets": data["golden"]["sets"], "iterations": settings.iterations, "warmup": settings.warmup,
                "time_budget_s": settings.time_budget_s,

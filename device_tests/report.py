@@ -17,7 +17,11 @@ from exporter import files
 
 DEFAULT_REGRESSION = 0.10  # 10% slower at p50
 # Accuracy drops smaller than these are numeric noise between runs of the same artifact.
-METRIC_TOLERANCE = {"cosine": 1e-4, "top1": 0.01}
+METRIC_TOLERANCE = {"cosine": 1e-4, "top1": 0.01, "token_agreement": 0.01, "greedy_match": 0.1}
+
+
+_MEASURED = ("kind", "load_ms", "latency_ms", "peak_rss_mb", "metrics", "checks", "ttft_ms", "prefill_tokens_per_s",
+             "decode_tokens_per_s")
 
 
 def _device_results(run_folder: Path) -> list[dict[str, Any]]:
@@ -43,8 +47,7 @@ def _rows(run_folder: Path) -> list[dict[str, Any]]:
             if "error" in measured:
                 row["error"] = measured["error"]
             else:
-                row.update({key: measured[key] for key in ("load_ms", "latency_ms", "peak_rss_mb", "metrics", "checks")
-                            if key in measured})
+                row.update({key: measured[key] for key in _MEASURED if key in measured})
                 row["samples_ms"] = measured.get("samples_ms", [])
                 if not row["passed"]:
                     row["error"] = ", ".join(f"{c['metric']} {c['measured']:.4g} vs {c['required']}"
@@ -103,7 +106,7 @@ def summary(run_folder: Path, comparison: Comparison | None = None) -> dict[str,
     for row in _rows(run_folder):
         if row["artifact"]:
             devices[row["device"]]["artifacts"][row["artifact"]] = {
-                key: row[key] for key in ("passed", "error", "load_ms", "latency_ms", "peak_rss_mb", "metrics") if key in row}
+                key: row[key] for key in ("passed", "error", *_MEASURED) if key in row and key != "checks"}
     out: dict[str, Any] = {"run": run_folder.name, "export": run["export"], "target": run["target"], "model": run["model"],
                            "manifest_sha256": run["manifest_sha256"], "runner_version": run["runner_version"],
                            "ok": all(d["ok"] for d in devices.values()), "devices": devices}
@@ -111,6 +114,18 @@ def summary(run_folder: Path, comparison: Comparison | None = None) -> dict[str,
         out["baseline"] = {"run": comparison.baseline, "threshold": comparison.threshold,
                            "regressions": comparison.regressions, "compared": comparison.lines}
     return out
+
+
+def _speed(row: dict[str, Any]) -> str:
+    """Language models: what a chat app feels (tokens/s and time to first token); the p50 columns are per token."""
+    if row.get("kind") != "language-model":
+        return "-"
+    return (f"decode {row['decode_tokens_per_s'] or 0:.0f} tok/s, prefill {row['prefill_tokens_per_s'] or 0:.0f} tok/s, "
+            f"TTFT {row['ttft_ms'] or 0:.0f} ms")
+
+
+def _metrics(row: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {value:.6g}" for name, value in row.get("metrics", {}).items())
 
 
 def _verdict(row: dict[str, Any]) -> str:
@@ -122,19 +137,19 @@ def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> s
     lines = [f"# Device run {run_folder.name}", "",
              f"Export `{run['export']}` (target {run['target']}, model {run['model']}, manifest sha256 "
              f"{run['manifest_sha256'][:12]}), runner v{run['runner_version']}, started {run['started']}.", "",
-             "| device | artifact | load ms | p50 ms | p90 ms | p99 ms | peak RSS MB | cosine | max abs err | top-1 | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| device | artifact | load ms | p50 ms | p90 ms | p99 ms | peak RSS MB | tokens | metrics | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in _rows(run_folder):
         if "latency_ms" not in row:
-            lines.append(f"| {row['device']} | {row['artifact'] or '-'} | | | | | | | | | {_verdict(row)} |")
+            lines.append(f"| {row['device']} | {row['artifact'] or '-'} | | | | | | | | {_verdict(row)} |")
             continue
-        latency, metrics = row["latency_ms"], row["metrics"]
-        top1 = f"{metrics['top1']:.3f}" if "top1" in metrics else "-"
+        latency = row["latency_ms"]
         lines.append(f"| {row['device']} | {row['artifact']} | {row['load_ms']:.1f} | {latency['p50']:.3f} | "
-                     f"{latency['p90']:.3f} | {latency['p99']:.3f} | {row['peak_rss_mb']:.0f} | "
-                     f"{metrics['cosine']:.6f} | {metrics['max_abs_error']:.4g} | {top1} | {_verdict(row)} |")
+                     f"{latency['p90']:.3f} | {latency['p99']:.3f} | {row['peak_rss_mb']:.0f} | {_speed(row)} | "
+                     f"{_metrics(row)} | {_verdict(row)} |")
     failed = [r["device"] for r in _device_results(run_folder) if not r.get("ok")]
-    lines += ["", f"Failed devices: {', '.join(failed)}" if failed else "All devices passed."]
+    lines += ["", f"Failed devices: {', '.join(failed)}" if failed else "All devices passed.", "",
+              "p50/p90/p99 are per inference; for language models, per decoded token."]
     if comparison is not None:
         lines += ["", f"## Against baseline {Path(comparison.baseline).name}", "",
                   "| device | artifact | p50 before ms | p50 now ms | ratio | regression |", "|---|---|---|---|---|---|"]
@@ -186,18 +201,17 @@ def render_html(run_folder: Path, comparison: Comparison | None = None) -> str:
            f"<p>Export <code>{e(run['export'])}</code>, target {e(run['target'])}, model {e(run['model'])}, manifest "
            f"sha256 {e(run['manifest_sha256'][:12])}, runner v{e(str(run['runner_version']))}, started {e(run['started'])}.</p>",
            "<table><tr><th>device</th><th>artifact</th><th>load ms</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th>"
-           "<th>peak RSS MB</th><th>cosine</th><th>max abs err</th><th>top-1</th><th>verdict</th></tr>"]
+           "<th>peak RSS MB</th><th>tokens</th><th>metrics</th><th>verdict</th></tr>"]
     rows = _rows(run_folder)
     for row in rows:
         css = "pass" if row["passed"] else "fail"
         cells = [e(row["device"]), e(row["artifact"] or "-")]
         if "latency_ms" in row:
-            latency, metrics = row["latency_ms"], row["metrics"]
+            latency = row["latency_ms"]
             cells += [f"{row['load_ms']:.1f}", f"{latency['p50']:.3f}", f"{latency['p90']:.3f}", f"{latency['p99']:.3f}",
-                      f"{row['peak_rss_mb']:.0f}", f"{metrics['cosine']:.6f}", f"{metrics['max_abs_error']:.4g}",
-                      f"{metrics['top1']:.3f}" if "top1" in metrics else "-"]
+                      f"{row['peak_rss_mb']:.0f}", e(_speed(row)), e(_metrics(row))]
         else:
-            cells += [""] * 8
+            cells += [""] * 7
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td class='{css}'>{e(_verdict(row))}</td></tr>")
     out.append("</table><h2>Latency distributions</h2>")
     for row in rows:

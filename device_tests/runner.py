@@ -4,6 +4,9 @@
   python runner.py --facts                 device facts as JSON
   python runner.py --hashes FILE...        sha256 of files already on the device
   python runner.py job.json                run the job, write result.json next to it, print it
+
+Tensor models: latency distribution and golden replay. Language models (.pte): time to first token,
+prefill and decode tokens/s, teacher-forced next-token agreement and greedy-generation match.
 """
 
 import hashlib
@@ -15,7 +18,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "2"
+RUNNER_VERSION = "3"
 
 
 def _import(name):
@@ -82,6 +85,83 @@ def pte_runner(path):
         return [np.asarray(o) for o in method.execute([torch.from_numpy(np.ascontiguousarray(v)) for v in values])]
 
     return run
+
+
+def pte_lm_stepper(path):
+    """Feed tokens at a position of the program's KV cache, get the last token's logits."""
+    import numpy as np
+    import torch
+    from executorch.runtime import Runtime
+
+    for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
+        _import(extension)
+    method = Runtime.get().load_program(path).load_method("forward")
+
+    def step(tokens, start):
+        out = method.execute([torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start], dtype=torch.long)])
+        logits = np.asarray(out[0], np.float64)
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+    return step
+
+
+def run_language_model(artifact, job, golden):
+    """Time to first token, prefill and decode tokens/s over the fixed prompts, and faithfulness against
+    the host's eager model: teacher-forced next-token agreement over the fixed text (and KL over the
+    reference's top-32 tokens, a lower bound of the full KL), greedy generation compared token by token."""
+    import numpy as np
+
+    path = os.path.join(job["workdir"], artifact["file"])
+    began = time.perf_counter()
+    step = pte_lm_stepper(path)
+    load_ms = (time.perf_counter() - began) * 1000
+    text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
+    agree, kls = 0, []
+    for position, token in enumerate(text[:-1]):
+        logits = step([int(token)], position)
+        agree += int(np.argmax(logits) == top_ids[position, 0])
+        logp = logits - logits.max()
+        logp = logp - np.log(np.exp(logp).sum())
+        want = top_logprobs[position].astype(np.float64)
+        kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
+    ttft, prefill_tokens, prefill_s, decode_steps, matches, generations = [], 0, 0.0, [], [], []
+    index = 0
+    while "prompt%d" % index in golden:
+        prompt, expected = golden["prompt%d" % index], golden["greedy%d" % index]
+        began = time.perf_counter()
+        logits = step([int(t) for t in prompt], 0)
+        token = int(np.argmax(logits))
+        elapsed = time.perf_counter() - began
+        ttft.append(elapsed * 1000)
+        prefill_tokens, prefill_s = prefill_tokens + len(prompt), prefill_s + elapsed
+        produced = [token]
+        while len(produced) < len(expected):
+            began = time.perf_counter()
+            token = int(np.argmax(step([token], len(prompt) + len(produced) - 1)))
+            decode_steps.append((time.perf_counter() - began) * 1000)
+            produced.append(token)
+        same = next((i for i, (a, b) in enumerate(zip(expected, produced)) if a != b), len(expected))
+        matches.append(same / max(len(expected), 1))
+        generations.append(produced)
+        index += 1
+    samples = list(decode_steps)
+    timings = sorted(decode_steps) or [0.0]
+    mean = sum(timings) / len(timings)
+    np.savez(os.path.join(job["workdir"], artifact["name"] + ".outputs.npz"),
+             **{"generated%d" % i: np.array(g, np.int64) for i, g in enumerate(generations)})
+    return {
+        "kind": "language-model", "load_ms": load_ms, "iterations": len(samples),
+        "ttft_ms": sum(ttft) / len(ttft) if ttft else None,
+        "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
+        "decode_tokens_per_s": 1000 * len(samples) / sum(samples) if samples else None,
+        "latency_ms": {"min": timings[0], "p50": percentile(timings, 0.5), "p90": percentile(timings, 0.9),
+                       "p99": percentile(timings, 0.99), "max": timings[-1],
+                       "std": (sum((t - mean) ** 2 for t in timings) / len(timings)) ** 0.5},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "metrics": {"token_agreement": agree / max(len(text) - 1, 1), "kl_top32": sum(kls) / max(len(kls), 1),
+                    "greedy_match": sum(matches) / max(len(matches), 1)},
+        "outputs_file": artifact["name"] + ".outputs.npz", "samples_ms": samples,
+    }
 
 
 def compare(expected, actual, names, logits, mask):
@@ -155,7 +235,8 @@ def run_artifact(artifact, job, golden):
 
 
 def judge(metrics, thresholds):
-    rules = {"max_abs_error": ("max_abs_error", False), "min_cosine": ("cosine", True), "min_top1": ("top1", True)}
+    rules = {"max_abs_error": ("max_abs_error", False), "min_cosine": ("cosine", True), "min_top1": ("top1", True),
+             "min_token_agreement": ("token_agreement", True), "min_greedy_match": ("greedy_match", True)}
     checks = []
     for field, required in thresholds.items():
         if field not in rules or rules[field][0] not in metrics:
@@ -182,7 +263,10 @@ def main(argv):
     result = {"runner_version": RUNNER_VERSION, "facts": facts(job["workdir"]), "artifacts": {}}
     for artifact in job["artifacts"]:
         try:
-            measured = run_artifact(artifact, job, golden)
+            if job.get("kind") == "language-model":
+                measured = run_language_model(artifact, job, golden)
+            else:
+                measured = run_artifact(artifact, job, golden)
             measured["checks"] = judge(measured["metrics"], artifact["thresholds"])
             measured["passed"] = bool(measured["checks"]) and all(c["passed"] for c in measured["checks"])
         except Exception as exc:  # one artifact failing must not hide the others' results

@@ -147,3 +147,58 @@ def runner_metadata(config: Any, tokenizer: Any, max_context: int, eos_ids: list
         "enable_dynamic_shape": True,
         "get_n_layers": int(config.num_hidden_layers),
     }
+
+
+def _dynamic_int_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> nn.Parameter:
+    """A torchao weight given by its integers and scales (no re-quantisation): int8 dynamic
+    per-token activations, symmetric int{bits} weights in blocks of ``group`` along the input."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    tensor = IntxUnpackedToInt8Tensor(
+        qdata=q.to(torch.int8), scale=scale.float(), zero_point=torch.zeros(scale.shape, dtype=torch.int8),
+        target_dtype=getattr(torch, f"int{bits}"), block_size=(1, group), dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class CarriedLinear(nn.Module):
+    """A linear that holds a GGUF's 4-bit blocks exactly (see ``sources.gguf_blocks``).
+
+    y = int4 blocks (x) + offsets(block sums of x) + bias. The int4 part runs on XNNPACK's 8da4w
+    kernel (int8 dynamic activations, as for every other linear); the block sums are an int8 matmul
+    with 0/1 weights (exact, and the same bytes in every layer, so the program stores them once per
+    width); the offsets are a float matmul 32 times smaller than the layer.
+    """
+
+    def __init__(self, blocks: Any, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        from .sources.gguf_blocks import GROUP
+
+        rows, cols = blocks.q.shape
+        self.blocks = nn.Linear(cols, rows, bias=bias is not None)
+        self.blocks.weight = _dynamic_int_weight(blocks.q, blocks.scale, 4, GROUP)
+        if bias is not None:
+            self.blocks.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        membership = torch.zeros(cols // GROUP, cols, dtype=torch.int8)
+        membership[torch.arange(cols) // GROUP, torch.arange(cols)] = 1
+        self.block_sums = nn.Linear(cols, cols // GROUP, bias=False)
+        self.block_sums.weight = _dynamic_int_weight(membership, torch.ones(cols // GROUP, 1), 8, cols)
+        self.offsets = nn.Linear(cols // GROUP, rows, bias=False)
+        self.offsets.weight = nn.Parameter(blocks.offset.detach().clone().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x) + self.offsets(self.block_sums(x))
+
+
+def carry_blocks(model: nn.Module, carried: dict[str, Any]) -> list[str]:
+    """Swap the named linears for CarriedLinear; returns the names swapped."""
+    for name, blocks in carried.items():
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attribute)
+        setattr(parent, attribute, CarriedLinear(blocks, linear.bias))
+    return list(carried)

@@ -5,6 +5,10 @@ another linear's output, x_j / s_j and W[:, j] * s_j give exactly the same y in 
 folded into the producer (gamma_j / s_j, or that linear's output row j / s_j). With
 s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha), per-token int8 activations lose far less on the few
 channels that carry outliers. Statistics come from calibration text that is not the evaluation text.
+
+Layers carried exactly from a GGUF's 4-bit blocks (``gguf_blocks``) have no weight error to trade
+against, so their factor is max|x_j|^alpha alone, shared by each block of 32 input channels (a block
+keeps one scale and offset); the blocks are rescaled with the weights and stay exact.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .sources.gguf_blocks import GROUP, Blocks
 
 
 def calibration_text() -> str:
@@ -42,6 +48,11 @@ def _scales(act_max: torch.Tensor, consumers: list[nn.Linear], alpha: float) -> 
     return (act_max.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
 
 
+def _block_scales(act_max: torch.Tensor, alpha: float, group: int) -> torch.Tensor:
+    per_channel = act_max.clamp(min=1e-5) ** alpha
+    return per_channel.reshape(-1, group).amax(-1).repeat_interleave(group)
+
+
 def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     """(producer, consumers) pairs in the Llama/Qwen/Phi-3 family layout; other layouts get none."""
     pairs: list[tuple[nn.Module, list[nn.Linear]]] = []
@@ -60,21 +71,30 @@ def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     return pairs
 
 
-def smooth(model: nn.Module, tokenizer: Any, alpha: float = 0.5) -> int:
-    """Smooth ``model`` in place (float-equivalent); returns how many linears were rescaled."""
+def smooth(model: nn.Module, tokenizer: Any, alpha: float = 0.5, carried: dict[nn.Module, Blocks] | None = None) -> int:
+    """Smooth ``model`` in place (float-equivalent), and the ``carried`` GGUF blocks of its linears
+    with it; returns how many linears were rescaled."""
+    carried = carried or {}
     pairs = _pairs(model)
     maxima = _activation_maxima(model, tokenizer, [c[0] for _, c in pairs])
     rescaled = 0
     with torch.no_grad():
         for producer, consumers in pairs:
-            s = _scales(maxima[consumers[0]], consumers, alpha)
+            if any(c in carried for c in consumers):
+                s = _block_scales(maxima[consumers[0]], alpha, GROUP)
+            else:
+                s = _scales(maxima[consumers[0]], consumers, alpha)
             if isinstance(producer, nn.Linear):  # up_proj: scale its output rows (and bias)
                 producer.weight.div_(s.unsqueeze(1))
                 if producer.bias is not None:
                     producer.bias.div_(s)
+                if producer in carried:
+                    carried[producer].scale_rows(1 / s)
             else:  # an RMSNorm: scale gamma
                 producer.weight.div_(s)
             for consumer in consumers:
                 consumer.weight.mul_(s.unsqueeze(0))
+                if consumer in carried:
+                    carried[consumer].scale_columns(s)
                 rescaled += 1
     return rescaled

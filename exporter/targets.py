@@ -37,6 +37,8 @@ PRECISIONS = ("fp32", "fp16")
 FORMAT_OPTIONS: dict[str, set[tuple[Format, str | None]]] = {
     "compute_precision": {(Format.MLPACKAGE, None), (Format.PTE, "coreml")},
     "deployment_target": {(Format.MLPACKAGE, None), (Format.PTE, "coreml")},
+    "lm_head_quant": {(Format.PTE, None)},
+    "requantise": {(Format.PTE, None)},
 }
 
 
@@ -66,6 +68,10 @@ class ArtifactSpec:
     parity: Parity
     embedding_quant: str | None = None  # language models: "int8" embedding table
     smoothing: float | None = None  # language models: SmoothQuant alpha before int8 dynamic activations
+    lm_head_quant: str | None = None  # language models: scheme for the lm_head instead of quant
+    # Scheme for linears that are not carried exactly from a GGUF's 4-bit blocks (see gguf_blocks):
+    # re-quantising float weights to 4 bits costs agreement that int8 keeps.
+    requantise: str | None = None
 
     @property
     def filename(self) -> str:
@@ -78,6 +84,7 @@ class ArtifactSpec:
             "group_size": self.group_size, "compute_precision": self.compute_precision,
             "deployment_target": self.deployment_target, "skip_layers": list(self.skip_layers),
             "embedding_quant": self.embedding_quant, "smoothing": self.smoothing,
+            "lm_head_quant": self.lm_head_quant, "requantise": self.requantise,
         }
 
 
@@ -94,7 +101,7 @@ _TOP_KEYS = {"description": str, "artifact": list}
 _ARTIFACT_KEYS = {
     "name": str, "format": str, "backend": str, "quant": str, "group_size": int,
     "compute_precision": str, "deployment_target": str, "skip_layers": list, "parity": dict,
-    "embedding_quant": str, "smoothing": float,
+    "embedding_quant": str, "smoothing": float, "lm_head_quant": str, "requantise": str,
 }
 _PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
 _EMBEDDING_QUANTS = ("int8",)
@@ -171,6 +178,11 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
             raise TargetError(f"{where}: smoothing only helps schemes with int8 dynamic activations, not '{quant}'; remove it")
         if not 0.0 < smoothing < 1.0:
             raise TargetError(f"{where}: smoothing is SmoothQuant's alpha and must be between 0 and 1, got {smoothing}")
+    for key in ("lm_head_quant", "requantise"):
+        if key in raw:
+            other = _choice(raw[key], supported_schemes(fmt.value), where, key)
+            if SCHEMES[other].grouped and group_size is None:
+                raise TargetError(f"{where}: {key} '{other}' needs group_size (e.g. group_size = 32)")
     embedding_quant = raw.get("embedding_quant")
     if embedding_quant is not None:
         _choice(embedding_quant, _EMBEDDING_QUANTS, where, "embedding_quant")
@@ -187,6 +199,7 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
         compute_precision=precision, deployment_target=deployment, skip_layers=tuple(skip_layers),
         parity=Parity(**{k: float(v) for k, v in parity_raw.items()}), embedding_quant=embedding_quant,
         smoothing=float(smoothing) if smoothing is not None else None,
+        lm_head_quant=raw.get("lm_head_quant"), requantise=raw.get("requantise"),
     )
 
 

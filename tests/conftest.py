@@ -118,3 +118,56 @@ def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path) -> Pat
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A random-weight Llama GGUF with Q4_1 linears and a Q8_0 embedding, as llama.cpp writes them,
+    with the real SmolLM2 tokenizer copied from the default model's file."""
+    import gguf
+    import numpy as np
+
+    source = gguf.GGUFReader(str(smollm2_gguf()))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+    writer.add_vocab_size(vocab)
+    rng = np.random.default_rng(0)
+
+    def add(name: str, rows: int, cols: int, kind: gguf.GGMLQuantizationType | None, std: float = 0.2) -> None:
+        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        if kind is None:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+
+    q41, q80 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+    add("token_embd.weight", vocab, hidden, q80, std=1.0)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    head_dim = hidden // heads
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        add(f"blk.{i}.attn_q.weight", hidden, hidden, q41)
+        add(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden, q41)
+        add(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden, q41)
+        add(f"blk.{i}.attn_output.weight", hidden, hidden, q41)
+        add(f"blk.{i}.ffn_gate.weight", ffn, hidden, q41)
+        add(f"blk.{i}.ffn_up.weight", ffn, hidden, q41)
+        add(f"blk.{i}.ffn_down.weight", hidden, ffn, q41)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -292,3 +292,40 @@ def test_html_report_escapes_names_from_the_inventory(tmp_path: Path) -> None:
     page = render_html(tmp_path)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "no result (the run was interrupted)" in page
+
+
+def test_language_model_on_an_executorch_board_measures_tokens_per_second_and_matches_the_host(
+        lab: dict, tmp_path: Path) -> None:
+    """A tiny Llama GGUF (Q4_1 linears) exported with android's .pte recipe, then run on the x86 board:
+    the device's next-token agreement and greedy match are the host's (same program, same runtime)."""
+    from dataclasses import replace
+
+    from exporter.sources import SourceOptions
+    from tests.conftest import make_tiny_gguf
+
+    android = load_target("android")
+    target = replace(android, artifacts=tuple(a for a in android.artifacts if a.format == "pte"))
+    gguf = make_tiny_gguf(tmp_path / "tiny-llama.Q4_1.gguf")
+    summary = export(target, load_model(str(gguf), SourceOptions(context_len=128)), tmp_path / "dist")
+    host = summary.results[0].record
+    assert summary.ok, host.get("failures")
+    linears = [d for d in host["quantisation"]["layers"] if d["kind"] == "linear"]
+    carried = [d["layer"] for d in linears if "carried exactly from the GGUF's Q4_1 blocks" in d["detail"]]
+    assert len(carried) == 2 * 7 and host["details"]["carried_gguf_blocks"] == 14
+    head = next(d for d in linears if d["layer"] == "lm_head")
+    assert head["quantised"] and head["detail"].startswith("int8 per channel")
+
+    pi, x86 = lab["boards"]["pi"], lab["boards"]["x86"]
+    run_folder, outcomes = run_devices([spec(x86, lab, "lm-board"), spec(pi, lab, "pi-lm")], summary.folder,
+                                       tmp_path / "results", settings(lab))
+    by_name = {o.device: o for o in outcomes}
+    assert by_name["lm-board"].ok, by_name["lm-board"].reason
+    measured = by_name["lm-board"].result["artifacts"]["xnnpack"]
+    wanted = host["parity"]["metrics"]
+    assert measured["metrics"]["token_agreement"] == pytest.approx(wanted["token_agreement"], abs=1e-9)
+    assert measured["metrics"]["greedy_match"] == pytest.approx(wanted["greedy_match"], abs=1e-9)
+    assert measured["decode_tokens_per_s"] > 0 and measured["prefill_tokens_per_s"] > 0 and measured["ttft_ms"] > 0
+    assert [c["metric"] for c in measured["checks"]] == ["min_token_agreement"] and measured["passed"]
+    assert not by_name["pi-lm"].ok and "needs executorch" in by_name["pi-lm"].reason
+    assert "| lm-board | xnnpack |" in (run_folder / "report.md").read_text()
+    assert "decode" in (run_folder / "report.md").read_text()

@@ -47,6 +47,8 @@ BAD = {
     "not_toml": "not valid TOML",
     "smoothing_without_dynamic": "smoothing only helps schemes with int8 dynamic activations, not 'fp32'",
     "smoothing_out_of_range": "must be between 0 and 1, got 1.5",
+    "lm_head_quant_on_tflite": "key 'lm_head_quant' is not understood by .tflite",
+    "requantise_unknown_scheme": "requantise 'int8-weight' is not one of fp32, int8-dynamic, 8da4w",
 }
 
 

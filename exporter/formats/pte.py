@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import platform
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -200,23 +201,65 @@ def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
     ]
 
 
+def _carried_blocks(model: LoadedModel, causal_lm: torch.nn.Module, spec: ArtifactSpec) -> dict[str, Any]:
+    """The GGUF's Q4_1 blocks by linear name, when the artifact wants int4 blocks of that size (else {})."""
+    from ..sources.gguf_blocks import GROUP, read_blocks
+
+    scheme = SCHEMES[spec.quant]
+    if (model.source.get("kind") != "gguf" or spec.backend != "xnnpack" or scheme.weight_bits != 4
+            or not scheme.dynamic_activations or spec.group_size != GROUP):
+        return {}
+    blocks = read_blocks(Path(model.source["path"]), causal_lm)
+    return {name: b for name, b in blocks.items()
+            if not any(re.fullmatch(pattern, f"inner.{name}") for pattern in spec.skip_layers)}
+
+
+def _with_scheme(spec: ArtifactSpec, quant: str, skip: list[str]) -> ArtifactSpec:
+    grouped = SCHEMES[quant].grouped
+    return replace(spec, quant=quant, group_size=spec.group_size if grouped else None,
+                   skip_layers=spec.skip_layers + tuple(skip))
+
+
+def _quantise_linears(decoder: torch.nn.Module, spec: ArtifactSpec, carried: dict[str, Any]) -> list[LayerDecision]:
+    """Carried GGUF blocks as they are, the lm_head with lm_head_quant, every other linear with
+    requantise (or quant): one decision per linear, in model order."""
+    from .. import llm
+
+    head = next(n for n, m in decoder.named_modules() if m is decoder.inner.get_output_embeddings())
+    carried = {f"inner.{name}": blocks for name, blocks in carried.items()}
+    set_apart = [re.escape(n) for n in carried] + ([re.escape(head)] if spec.lm_head_quant else [])
+    _, decisions = quantise(decoder, _with_scheme(spec, spec.requantise or spec.quant, set_apart), in_place=True)
+    by_name = {d.name: d for d in decisions}
+    if spec.lm_head_quant:
+        _, head_plan = quantise(decoder, _with_scheme(spec, spec.lm_head_quant, [f"(?!{re.escape(head)}$).*"]),
+                                in_place=True)
+        by_name[head] = next(d for d in head_plan if d.name == head)
+    for name in llm.carry_blocks(decoder, carried):
+        by_name[name] = LayerDecision(name, "linear", by_name[name].shape, True,
+                                      "int4 groups of 32 carried exactly from the GGUF's Q4_1 blocks (+ float block offsets)")
+    return [by_name[d.name] for d in decisions]
+
+
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
     """A language model as ExecuTorch's LLM runners want it: KV cache in the program, custom SDPA and
-    cache-update ops, int8 embedding lookups, dynamic prompt length, runner metadata."""
+    cache-update ops, int8 embedding lookups, dynamic prompt length, runner metadata, and a GGUF's
+    4-bit blocks carried over exactly where the scheme matches them."""
     from .. import llm
 
     language = model.language
     causal_lm = copy.deepcopy(language.causal_lm)
+    carried = _carried_blocks(model, causal_lm, spec)
     layers: list[LayerDecision] = []
-    details_extra: dict[str, Any] = {}
+    details_extra: dict[str, Any] = {"carried_gguf_blocks": len(carried)}
     if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
         from ..smoothing import smooth
 
         if causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
             head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        by_module = {causal_lm.get_submodule(name): blocks for name, blocks in carried.items()}
         details_extra["smoothing"] = {"alpha": spec.smoothing,
-                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing)}
+                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing, by_module)}
     if spec.embedding_quant:
         embedding = causal_lm.get_input_embeddings()
         shape = tuple(embedding.weight.shape)
@@ -227,8 +270,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
         layers.append(LayerDecision(f"inner.{name}", "embedding", shape, True,
                                     f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
-    decoder, linear_layers = quantise(decoder, spec, in_place=True)
-    layers += linear_layers
+    layers += _quantise_linears(decoder, spec, carried)
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
     seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
     try:
