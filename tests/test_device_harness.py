@@ -296,15 +296,12 @@ def test_html_report_escapes_names_from_the_inventory(tmp_path: Path) -> None:
 
 def test_language_model_on_an_executorch_board_measures_tokens_per_second_and_matches_the_host(
         lab: dict, tmp_path: Path) -> None:
-    """A tiny Llama GGUF (Q4_1 linears) exported with android's .pte recipe, then run on the x86 board:
+    """A tiny Llama GGUF (Q4_1 linears) exported for android-q4 (blocks carried), then run on the x86 board:
     the device's next-token agreement and greedy match are the host's (same program, same runtime)."""
-    from dataclasses import replace
-
     from exporter.sources import SourceOptions
     from tests.conftest import make_tiny_gguf
 
-    android = load_target("android")
-    target = replace(android, artifacts=tuple(a for a in android.artifacts if a.format == "pte"))
+    target = load_target("android-q4")
     gguf = make_tiny_gguf(tmp_path / "tiny-llama.Q4_1.gguf")
     summary = export(target, load_model(str(gguf), SourceOptions(context_len=128)), tmp_path / "dist")
     host = summary.results[0].record
@@ -320,12 +317,12 @@ def test_language_model_on_an_executorch_board_measures_tokens_per_second_and_ma
                                        tmp_path / "results", settings(lab))
     by_name = {o.device: o for o in outcomes}
     assert by_name["lm-board"].ok, by_name["lm-board"].reason
-    measured = by_name["lm-board"].result["artifacts"]["xnnpack"]
+    measured = by_name["lm-board"].result["artifacts"]["xnnpack-q4"]
     wanted = host["parity"]["metrics"]
     assert measured["metrics"]["token_agreement"] == pytest.approx(wanted["token_agreement"], abs=1e-9)
     assert measured["metrics"]["greedy_match"] == pytest.approx(wanted["greedy_match"], abs=1e-9)
     assert measured["decode_tokens_per_s"] > 0 and measured["prefill_tokens_per_s"] > 0 and measured["ttft_ms"] > 0
     assert [c["metric"] for c in measured["checks"]] == ["min_token_agreement"] and measured["passed"]
     assert not by_name["pi-lm"].ok and "needs executorch" in by_name["pi-lm"].reason
-    assert "| lm-board | xnnpack |" in (run_folder / "report.md").read_text()
+    assert "| lm-board | xnnpack-q4 |" in (run_folder / "report.md").read_text()
     assert "decode" in (run_folder / "report.md").read_text()

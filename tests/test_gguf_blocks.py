@@ -52,7 +52,7 @@ def test_carried_linear_is_the_exact_weight_with_int8_activations_in_eager_and_i
     want = _int8_activations_times(x, blocks.dequantised()) + layer.blocks.bias
     assert torch.allclose(layer(x), want, atol=1e-5)
 
-    spec = next(a for a in load_target("android").artifacts if a.format == "pte")
+    spec = next(a for a in load_target("android-q4").artifacts if a.format == "pte")
     buffer, details = lower(torch.export.export(layer, (x,), strict=False), spec)
     assert details["delegate_calls"] == 1 and details["non_delegated_ops"] == {}  # all three matmuls on XNNPACK
     (tmp_path / "layer.pte").write_bytes(buffer)
