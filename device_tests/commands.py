@@ -12,7 +12,7 @@ from exporter.errors import DeviceError
 
 from .harness import Settings, run_devices
 from .inventory import load_inventory
-from .report import write_reports
+from .report import Comparison, write_reports
 from .transport import SshDevice
 
 
@@ -76,7 +76,7 @@ def _baseline(args: argparse.Namespace) -> Path | None:
     return baseline
 
 
-def _regression_exit(comparison) -> int:  # noqa: ANN001  (report.Comparison | None)
+def _regression_exit(comparison: Comparison | None) -> int:
     if comparison is None or not comparison.regressions:
         return 0
     for line in comparison.regressions:
