@@ -72,14 +72,20 @@ def tflite_runner(path):
     return run
 
 
-def pte_runner(path):
-    import numpy as np
-    import torch
+def pte_method(path):
+    """The program's forward method, with the kernels LLM programs use registered first."""
     from executorch.runtime import Runtime
 
     for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
         _import(extension)
-    method = Runtime.get().load_program(path).load_method("forward")
+    return Runtime.get().load_program(path).load_method("forward")
+
+
+def pte_runner(path):
+    import numpy as np
+    import torch
+
+    method = pte_method(path)
 
     def run(values):
         return [np.asarray(o) for o in method.execute([torch.from_numpy(np.ascontiguousarray(v)) for v in values])]
@@ -91,11 +97,8 @@ def pte_lm_stepper(path):
     """Feed tokens at a position of the program's KV cache, get the last token's logits."""
     import numpy as np
     import torch
-    from executorch.runtime import Runtime
 
-    for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
-        _import(extension)
-    method = Runtime.get().load_program(path).load_method("forward")
+    method = pte_method(path)
 
     def step(tokens, start):
         out = method.execute([torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start], dtype=torch.long)])
@@ -144,9 +147,7 @@ def run_language_model(artifact, job, golden):
         matches.append(same / max(len(expected), 1))
         generations.append(produced)
         index += 1
-    samples = list(decode_steps)
-    timings = sorted(decode_steps) or [0.0]
-    mean = sum(timings) / len(timings)
+    samples = decode_steps  # in the order measured
     np.savez(os.path.join(job["workdir"], artifact["name"] + ".outputs.npz"),
              **{"generated%d" % i: np.array(g, np.int64) for i, g in enumerate(generations)})
     return {
@@ -154,9 +155,7 @@ def run_language_model(artifact, job, golden):
         "ttft_ms": sum(ttft) / len(ttft) if ttft else None,
         "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
         "decode_tokens_per_s": 1000 * len(samples) / sum(samples) if samples else None,
-        "latency_ms": {"min": timings[0], "p50": percentile(timings, 0.5), "p90": percentile(timings, 0.9),
-                       "p99": percentile(timings, 0.99), "max": timings[-1],
-                       "std": (sum((t - mean) ** 2 for t in timings) / len(timings)) ** 0.5},
+        "latency_ms": latency_stats(samples or [0.0]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "metrics": {"token_agreement": agree / max(len(text) - 1, 1), "kl_top32": sum(kls) / max(len(kls), 1),
                     "greedy_match": sum(matches) / max(len(matches), 1)},
@@ -181,6 +180,14 @@ def compare(expected, actual, names, logits, mask):
             agree += int(np.sum(want.argmax(-1) == got.argmax(-1)))
             total += want.argmax(-1).size
     return max_abs, min(cosines) if cosines else 1.0, (agree, total)
+
+
+def latency_stats(samples):
+    timings = sorted(samples)
+    mean = sum(timings) / len(timings)
+    return {"min": timings[0], "p50": percentile(timings, 0.5), "p90": percentile(timings, 0.9),
+            "p99": percentile(timings, 0.99), "max": timings[-1],
+            "std": (sum((t - mean) ** 2 for t in timings) / len(timings)) ** 0.5}
 
 
 def percentile(sorted_values, q):
@@ -208,8 +215,6 @@ def run_artifact(artifact, job, golden):
         began = time.perf_counter()
         run(first)
         timings.append((time.perf_counter() - began) * 1000)
-    samples = list(timings)  # in the order measured, for the report's plots
-    timings.sort()
     worst_abs, worst_cos, agree, total, outputs = 0.0, 1.0, 0, 0, {}
     for index in range(sets):
         inputs = [golden["set%d.input.%s" % (index, n)] for n in job["inputs"]]
@@ -223,14 +228,11 @@ def run_artifact(artifact, job, golden):
     metrics = {"max_abs_error": worst_abs, "cosine": worst_cos}
     if total:
         metrics["top1"] = agree / total
-    mean = sum(timings) / len(timings)
     return {
         "load_ms": load_ms, "first_inference_ms": first_ms, "iterations": len(timings),
-        "latency_ms": {"min": timings[0], "p50": percentile(timings, 0.5), "p90": percentile(timings, 0.9),
-                       "p99": percentile(timings, 0.99), "max": timings[-1],
-                       "std": (sum((t - mean) ** 2 for t in timings) / len(timings)) ** 0.5},
+        "latency_ms": latency_stats(timings),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "metrics": metrics,
-        "outputs_file": artifact["name"] + ".outputs.npz", "samples_ms": samples,
+        "outputs_file": artifact["name"] + ".outputs.npz", "samples_ms": timings,  # in the order measured
     }
 
 

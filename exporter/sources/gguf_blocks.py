@@ -28,7 +28,6 @@ class Blocks:
     scale: torch.Tensor  # [N, K/32] float32
     offset: torch.Tensor  # [N, K/32] float32
     q: torch.Tensor  # [N, K] int8 in -8..7
-    kind: str = "Q4_1"
 
     def dequantised(self) -> torch.Tensor:
         n, k = self.q.shape
