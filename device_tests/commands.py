@@ -27,10 +27,10 @@ def _select(args: argparse.Namespace, target: str | None = None) -> list:
         devices = [d for d in devices if d.name in wanted]
     elif target:
         devices = [d for d in devices if not d.targets or target in d.targets]
-    unsupported = [d.name for d in devices if d.transport != "ssh"]
+    unsupported = [d.name for d in devices if d.transport == "mac"]
     if unsupported:
-        raise DeviceError(f"{', '.join(unsupported)}: the adb and mac transports are not implemented yet; "
-                          "select ssh devices with --device")
+        raise DeviceError(f"{', '.join(unsupported)}: the mac transport is not implemented yet; "
+                          "select ssh and adb devices with --device")
     if not devices:
         raise DeviceError(f"{args.devices}: no device serves target {target}")
     return devices
@@ -91,6 +91,9 @@ def devices_check_command(args: argparse.Namespace) -> int:
     for spec in _select(args):
         device = SshDevice(spec, known_hosts=Path(args.known_hosts) if args.known_hosts else None,
                            trust_new_hosts=args.trust_new_hosts)
+        if spec.transport == "adb":
+            failed += _check_phone(spec, device)
+            continue
         try:
             device.run(f"mkdir -p {shlex.quote(spec.workdir)}")
             device.put(Path(runner_module.__file__), f"{spec.workdir.rstrip('/')}/runner.py")
@@ -105,6 +108,24 @@ def devices_check_command(args: argparse.Namespace) -> int:
         finally:
             device.close()
     return 1 if failed else 0
+
+
+def _check_phone(spec, device: SshDevice) -> int:
+    from . import adb
+
+    host = adb.SshHost(device) if spec.host else adb.LocalHost()
+    try:
+        facts = adb.AdbPhone(spec, host).facts()
+        runner = "present" if facts["runtimes"] else "MISSING"
+        print(f"{spec.name}: reachable over adb ({spec.serial}), {facts['model']}, Android {facts['release']}, "
+              f"{facts['abi']}, {facts['free_bytes'] / 1e9:.1f} GB free, runner {spec.runner} {runner} "
+              f"(runs .{facts['runner_format']})")
+        return 0 if facts["runtimes"] else 1
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        host.close()
 
 
 def report_command(args: argparse.Namespace) -> int:

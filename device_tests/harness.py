@@ -80,77 +80,95 @@ def _remote(device: DeviceSpec, *parts: str) -> str:
 
 def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_folder: Path,
                settings: Settings) -> DeviceOutcome:
-    """One device, start to end; ``data`` is the export's manifest."""
+    """One device, start to end; ``data`` is the export's manifest. Its result file is written whatever happens."""
     log_path = run_folder / f"{spec.name}.log"
-    device = SshDevice(spec, known_hosts=settings.known_hosts, trust_new_hosts=settings.trust_new_hosts)
-    q = shlex.quote
-    python = q(spec.python)
     log: list[str] = []
+    connection: Any = None
     try:
-        device.run(f"mkdir -p {q(_remote(spec, 'cache'))}")
-        device.put(Path(runner_module.__file__), _remote(spec, "runner.py"))
-        facts = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
-        log.append(f"facts: {json.dumps(facts)}")
-        artifacts = plan(data, facts, spec)
-        to_push = {record["file"]: record["sha256"] for record in artifacts}
-        to_push[data["golden"]["file"]] = data["golden"]["sha256"]
-        need = sum((export_folder / name).stat().st_size for name in to_push)
-        if facts["free_bytes"] < need * 1.1:
-            raise DeviceError(f"{spec.name}: only {facts['free_bytes'] / 1e6:.1f} MB free in {spec.workdir}, "
-                              f"the artifacts need {need / 1e6:.1f} MB")
-        cached = {f"{sha}{Path(name).suffix}" for name, sha in to_push.items()}
-        remote_paths = " ".join(q(_remote(spec, "cache", c)) for c in sorted(cached))
-        have = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --hashes {remote_paths}").stdout)
-        pushed, skipped = [], []
-        for name, sha in to_push.items():
-            remote = _remote(spec, "cache", f"{sha}{Path(name).suffix}")
-            if have.get(remote) == sha:
-                skipped.append(name)
-                continue
-            device.put(export_folder / name, remote)
-            pushed.append(name)
-        log.append(f"pushed {pushed}, already there {skipped}")
-        job_dir = _remote(spec, f"run-{run_folder.name}")
-        device.run(f"mkdir -p {q(job_dir)}")
-        for name, sha in to_push.items():  # the job sees the artifacts under their own names
-            device.run(f"ln -sf {q(_remote(spec, 'cache', sha + Path(name).suffix))} {q(job_dir + '/' + name)}")
-        model = data["model"]
-        job = {"workdir": job_dir, "kind": data["golden"].get("kind", "tensors"), "inputs": [i["name"] for i in model["inputs"]], "outputs": model["outputs"],
-               "logits_outputs": model.get("logits_outputs", []), "padding_mask": model.get("padding_mask"),
-               "golden_sets": data["golden"]["sets"], "iterations": settings.iterations, "warmup": settings.warmup,
-               "time_budget_s": settings.time_budget_s,
-               "artifacts": [{"name": r["name"], "file": r["file"], "format": r["format"],
-                              "thresholds": r.get("thresholds", {})} for r in artifacts]}
-        job_file = run_folder / f"{spec.name}.job.json"
-        job_file.write_text(json.dumps(job))
-        device.put(job_file, job_dir + "/job.json")
-        device.run(f"cd {q(job_dir)} && {python} ../runner.py job.json > runner.out 2> runner.err")
-        local_result = run_folder / f"{spec.name}.result.json"
-        device.get(job_dir + "/result.json", local_result)
-        result = json.loads(local_result.read_text())
-        outputs_dir = run_folder / f"{spec.name}.outputs"
-        outputs_dir.mkdir(exist_ok=True)
-        for name, measured in result["artifacts"].items():
-            if "outputs_file" in measured:
-                device.get(f"{job_dir}/{measured['outputs_file']}", outputs_dir / measured["outputs_file"])
-        if not settings.keep_remote:
-            device.run(f"rm -rf {q(job_dir)}")
+        if spec.transport == "adb":
+            from . import adb
+
+            connection = adb.SshHost(_ssh(spec, settings)) if spec.host else adb.LocalHost()
+            result = adb.run_phone(spec, export_folder, data, run_folder, settings, connection, log)
+        else:
+            connection = _ssh(spec, settings)
+            result = _run_board(connection, spec, export_folder, data, run_folder, settings, log)
         failed = [n for n, m in result["artifacts"].items() if not m.get("passed")]
         reason = "; ".join(f"{n}: {result['artifacts'][n].get('error') or _failed_checks(result['artifacts'][n])}"
                            for n in failed)
-        outcome = DeviceOutcome(spec.name, not failed, reason, {"facts": facts, **result, "pushed": pushed,
-                                                                 "skipped": skipped})
+        outcome = DeviceOutcome(spec.name, not failed, reason, result)
     except DeviceError as exc:
         outcome = DeviceOutcome(spec.name, False, str(exc))
     except Exception as exc:  # a bug in the harness: keep the traceback in the device's log, not lost
         log.append(traceback.format_exc())
         outcome = DeviceOutcome(spec.name, False, f"unexpected {type(exc).__name__}: {exc}")
     finally:
-        device.close()
+        if connection is not None:
+            connection.close()
         log_path.write_text("\n".join(log) + "\n")
     files.write_json(run_folder / f"{spec.name}.json", {"device": spec.name, "ok": outcome.ok,
                                                           "reason": outcome.reason, **outcome.result})
     return outcome
+
+
+def _ssh(spec: DeviceSpec, settings: Settings) -> SshDevice:
+    return SshDevice(spec, known_hosts=settings.known_hosts, trust_new_hosts=settings.trust_new_hosts)
+
+
+def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_folder: Path,
+               settings: Settings, log: list[str]) -> dict[str, Any]:
+    """A board with Python: push runner.py and the artifacts, run the job there, pull its result."""
+    q = shlex.quote
+    python = q(spec.python)
+    device.run(f"mkdir -p {q(_remote(spec, 'cache'))}")
+    device.put(Path(runner_module.__file__), _remote(spec, "runner.py"))
+    facts = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
+    log.append(f"facts: {json.dumps(facts)}")
+    artifacts = plan(data, facts, spec)
+    to_push = {record["file"]: record["sha256"] for record in artifacts}
+    to_push[data["golden"]["file"]] = data["golden"]["sha256"]
+    need = sum((export_folder / name).stat().st_size for name in to_push)
+    if facts["free_bytes"] < need * 1.1:
+        raise DeviceError(f"{spec.name}: only {facts['free_bytes'] / 1e6:.1f} MB free in {spec.workdir}, "
+                          f"the artifacts need {need / 1e6:.1f} MB")
+    cached = {f"{sha}{Path(name).suffix}" for name, sha in to_push.items()}
+    remote_paths = " ".join(q(_remote(spec, "cache", c)) for c in sorted(cached))
+    have = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --hashes {remote_paths}").stdout)
+    pushed, skipped = [], []
+    for name, sha in to_push.items():
+        remote = _remote(spec, "cache", f"{sha}{Path(name).suffix}")
+        if have.get(remote) == sha:
+            skipped.append(name)
+            continue
+        device.put(export_folder / name, remote)
+        pushed.append(name)
+    log.append(f"pushed {pushed}, already there {skipped}")
+    job_dir = _remote(spec, f"run-{run_folder.name}")
+    device.run(f"mkdir -p {q(job_dir)}")
+    for name, sha in to_push.items():  # the job sees the artifacts under their own names
+        device.run(f"ln -sf {q(_remote(spec, 'cache', sha + Path(name).suffix))} {q(job_dir + '/' + name)}")
+    model = data["model"]
+    job = {"workdir": job_dir, "kind": data["golden"].get("kind", "tensors"),
+           "inputs": [i["name"] for i in model["inputs"]], "outputs": model["outputs"],
+           "logits_outputs": model.get("logits_outputs", []), "padding_mask": model.get("padding_mask"), "golden_sets": data["golden"]["sets"],
+           "iterations": settings.iterations, "warmup": settings.warmup, "time_budget_s": settings.time_budget_s,
+           "artifacts": [{"name": r["name"], "file": r["file"], "format": r["format"],
+                          "thresholds": r.get("thresholds", {})} for r in artifacts]}
+    job_file = run_folder / f"{spec.name}.job.json"
+    job_file.write_text(json.dumps(job))
+    device.put(job_file, job_dir + "/job.json")
+    device.run(f"cd {q(job_dir)} && {python} ../runner.py job.json > runner.out 2> runner.err")
+    local_result = run_folder / f"{spec.name}.result.json"
+    device.get(job_dir + "/result.json", local_result)
+    result = json.loads(local_result.read_text())
+    outputs_dir = run_folder / f"{spec.name}.outputs"
+    outputs_dir.mkdir(exist_ok=True)
+    for measured in result["artifacts"].values():
+        if "outputs_file" in measured:
+            device.get(f"{job_dir}/{measured['outputs_file']}", outputs_dir / measured["outputs_file"])
+    if not settings.keep_remote:
+        device.run(f"rm -rf {q(job_dir)}")
+    return {"facts": facts, **result, "pushed": pushed, "skipped": skipped}
 
 
 def _failed_checks(measured: dict[str, Any]) -> str:

@@ -31,13 +31,15 @@ class DeviceSpec:
     targets: tuple[str, ...] = ()  # targets this device serves; empty: any it can run
     serial: str | None = None  # adb: the phone's serial
     runner: str | None = None  # adb: path of the native benchmark binary on the phone
+    adb: str = "adb"  # adb: the adb executable on the host the phone is attached to
+    host_workdir: str = "edgeship-work"  # adb over SSH: where files are staged on that host
     timeout: int = 600  # seconds a remote command may take before it is killed
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _KEYS: dict[str, type] = {"name": str, "transport": str, "host": str, "port": int, "user": str, "key": str,
                           "host_key": str, "python": str, "workdir": str, "targets": list, "serial": str,
-                          "runner": str, "timeout": int}
+                          "runner": str, "timeout": int, "adb": str, "host_workdir": str}
 _REQUIRED = {"ssh": ("host",), "mac": ("host",), "adb": ("serial", "runner")}
 
 
@@ -71,10 +73,11 @@ def load_inventory(path: Path) -> list[DeviceSpec]:
             if key not in table:
                 raise InventoryError(f"{where}: a {table['transport']} device needs '{key}'")
         if table["transport"] == "adb" and "host" not in table:
-            table = {**table, "host": "localhost"}
-        workdir = table.get("workdir", "edgeship-work")
-        if workdir in ("", "/", "~", ".") or ".." in Path(workdir).parts:
-            raise InventoryError(f"{where}: workdir '{workdir}' must be a dedicated folder (everything in it may be deleted)")
+            table = {**table, "host": ""}  # the phone is attached to this machine
+        for key in ("workdir", "host_workdir"):
+            folder = table.get(key, "edgeship-work")
+            if folder.rstrip("/") in ("", "~", ".", "/data/local/tmp") or ".." in Path(folder).parts:
+                raise InventoryError(f"{where}: {key} '{folder}' must be a dedicated folder (everything in it may be deleted)")
         devices.append(DeviceSpec(**{**table, "targets": tuple(table.get("targets", []))}))
     names = [d.name for d in devices]
     for name in names:

@@ -24,6 +24,11 @@ _MEASURED = ("kind", "load_ms", "latency_ms", "peak_rss_mb", "metrics", "checks"
              "decode_tokens_per_s")
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    """A measured number, or '-' where the runner does not report it (benchmark_model prints no p90/p99)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _device_results(run_folder: Path) -> list[dict[str, Any]]:
     run = json.loads((run_folder / "run.json").read_text())
     results = []
@@ -80,8 +85,8 @@ def compare(run_folder: Path, baseline_folder: Path, threshold: float = DEFAULT_
         elif old["passed"] and not row["passed"]:
             line["regression"] = True
             line["notes"].append(f"passed in the baseline, fails now ({row.get('error', '')})")
-        if old is not None and "latency_ms" in old and "latency_ms" in row:
-            was, now = old["latency_ms"]["p50"], row["latency_ms"]["p50"]
+        was, now = (old or {}).get("latency_ms", {}).get("p50"), row.get("latency_ms", {}).get("p50")
+        if was is not None and now is not None:
             line["p50_before_ms"], line["p50_now_ms"], line["p50_ratio"] = was, now, now / was if was else None
             if was and now > was * (1 + threshold):
                 line["regression"] = True
@@ -144,9 +149,9 @@ def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> s
             lines.append(f"| {row['device']} | {row['artifact'] or '-'} | | | | | | | | {_verdict(row)} |")
             continue
         latency = row["latency_ms"]
-        lines.append(f"| {row['device']} | {row['artifact']} | {row['load_ms']:.1f} | {latency['p50']:.3f} | "
-                     f"{latency['p90']:.3f} | {latency['p99']:.3f} | {row['peak_rss_mb']:.0f} | {_speed(row)} | "
-                     f"{_metrics(row)} | {_verdict(row)} |")
+        lines.append(f"| {row['device']} | {row['artifact']} | {_num(row.get('load_ms'), 1)} | {_num(latency['p50'])} | "
+                     f"{_num(latency['p90'])} | {_num(latency['p99'])} | {_num(row.get('peak_rss_mb'), 0)} | "
+                     f"{_speed(row)} | {_metrics(row)} | {_verdict(row)} |")
     failed = [r["device"] for r in _device_results(run_folder) if not r.get("ok")]
     lines += ["", f"Failed devices: {', '.join(failed)}" if failed else "All devices passed.", "",
               "p50/p90/p99 are per inference; for language models, per decoded token."]
@@ -180,6 +185,8 @@ def _histogram_svg(samples: list[float], latency: dict[str, float], width: int =
         parts.append(f'<rect x="{i * bar_w:.1f}" y="{plot_h - bar_h + 5:.1f}" width="{bar_w - 1:.1f}" '
                      f'height="{bar_h:.1f}" fill="#4a7ab5"><title>{count} runs</title></rect>')
     for label, color in (("p50", "#2a2"), ("p90", "#c80"), ("p99", "#c22")):
+        if latency.get(label) is None:
+            continue
         x = (latency[label] - low) / span * width
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="5" y2="{plot_h + 5}" stroke="{color}" stroke-width="2"/>')
     parts.append(f'<text x="0" y="{height - 8}" font-size="11">{low:.3f} ms</text>')
@@ -208,14 +215,14 @@ def render_html(run_folder: Path, comparison: Comparison | None = None) -> str:
         cells = [e(row["device"]), e(row["artifact"] or "-")]
         if "latency_ms" in row:
             latency = row["latency_ms"]
-            cells += [f"{row['load_ms']:.1f}", f"{latency['p50']:.3f}", f"{latency['p90']:.3f}", f"{latency['p99']:.3f}",
-                      f"{row['peak_rss_mb']:.0f}", e(_speed(row)), e(_metrics(row))]
+            cells += [_num(row.get("load_ms"), 1), _num(latency["p50"]), _num(latency["p90"]), _num(latency["p99"]),
+                      _num(row.get("peak_rss_mb"), 0), e(_speed(row)), e(_metrics(row))]
         else:
             cells += [""] * 7
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td class='{css}'>{e(_verdict(row))}</td></tr>")
     out.append("</table><h2>Latency distributions</h2>")
     for row in rows:
-        if "latency_ms" in row:
+        if row.get("samples_ms"):  # native runners that print only a summary have no per-run samples
             out.append(f"<div class='card'><b>{e(row['device'])}</b> / {e(row['artifact'])}<br>"
                        f"{_histogram_svg(row['samples_ms'], row['latency_ms'])}<br><small>{len(row['samples_ms'])} runs; "
                        "lines: p50 green, p90 orange, p99 red</small></div>")

@@ -218,11 +218,10 @@ workdir = "{tmp_path / 'work' / board.name}"
 targets = ["raspberry-pi"]
 """ for board in (pi, x86)) + """
 [[device]]
-name = "pixel"
-transport = "adb"
-serial = "ABC"
-runner = "/data/local/tmp/executor_runner"
-targets = ["android"]
+name = "mac"
+transport = "mac"
+host = "mac.local"
+targets = ["ios"]
 """)
     common = ["--devices", str(inventory), "--known-hosts", str(lab["known_hosts"])]
     check = run_cli("devices", "check", *common, "--device", "pi,x86")
@@ -256,8 +255,8 @@ targets = ["android"]
     assert run_cli("report", str(run_folder), "--baseline", str(run_folder)).returncode == 0
     typo = run_cli("device-test", str(lab["export"]), *common, "--baseline", str(tmp_path / "nope"))
     assert typo.returncode == 2 and "not a device run folder" in typo.stderr
-    adb = run_cli("device-test", str(lab["export"]), *common, "--device", "pixel")
-    assert adb.returncode == 2 and "error: pixel: the adb and mac transports are not implemented yet" in adb.stderr
+    mac = run_cli("device-test", str(lab["export"]), *common, "--device", "mac")
+    assert mac.returncode == 2 and "error: mac: the mac transport is not implemented yet" in mac.stderr
 
 
 def test_cli_names_failed_devices_and_how_to_rerun_them(lab: dict, tmp_path: Path) -> None:

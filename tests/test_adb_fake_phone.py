@@ -1,0 +1,226 @@
+"""The adb transport. No Android phone can be attached here, so every test that "has" a phone says
+fake in its name: the phone is tests/fakes/adb.py (adb's three calls, its messages and exit codes) and
+the binaries on it are stand-ins for executor_runner and benchmark_model that take the real flags, print
+the real tools' log lines and run the real artifact with ExecuTorch's and LiteRT's Python runtimes.
+The parsers are tested on text in the real tools' formats (ET_LOG and TFLITE_LOG lines as their
+sources print them), and the commands the harness builds are checked flag by flag."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_tests import adb
+from device_tests.harness import Settings, run_devices
+from device_tests.inventory import DeviceSpec
+from exporter.errors import DeviceError
+from exporter.pipeline import export
+from exporter.sources import load_model
+from exporter.targets import load_target
+from tests.boards import keygen, make_board
+from tests.conftest import MLP
+
+FAKES = Path(__file__).parent / "fakes"
+
+# What executor_runner prints (stderr, ET_LOG format "%c %02u:%02u:%02u.%06lu executorch:%s:%zu] %s").
+EXECUTOR_RUNNER_OUTPUT = """\
+I 00:00:00.000812 executorch:executor_runner.cpp:182] Model file /data/local/tmp/edgeship-work/cache/ab.pte is loaded.
+I 00:00:00.000841 executorch:executor_runner.cpp:191] Using method forward
+I 00:00:00.000845 executorch:executor_runner.cpp:238] Setting up planned buffer 0, size 3072.
+I 00:00:00.031250 executorch:executor_runner.cpp:261] Method loaded.
+I 00:00:00.031300 executorch:executor_runner.cpp:393] Loading inputs from input file(s).
+I 00:00:00.034102 executorch:executor_runner.cpp:770] Iteration 1 of 3: 2.734000 ms
+I 00:00:00.035980 executorch:executor_runner.cpp:770] Iteration 2 of 3: 1.851000 ms
+I 00:00:00.037811 executorch:executor_runner.cpp:770] Iteration 3 of 3: 1.799000 ms
+I 00:00:00.037830 executorch:executor_runner.cpp:780] Model executed successfully 3 time(s) in 6.384000 ms.
+I 00:00:00.037840 executorch:executor_runner.cpp:798] 1 outputs: 
+Output 0: tensor(sizes=[1, 10], [0.1, 0.2, ...])
+"""
+
+# What benchmark_model prints (TFLITE_LOG "INFO: " lines; StatWithPercentiles adds p5/median/p95).
+BENCHMARK_MODEL_OUTPUT = """\
+INFO: STARTING!
+INFO: Log parameter values verbosely: [0]
+INFO: Graph: [/data/local/tmp/edgeship-work/cache/cd.tflite]
+INFO: Loaded model /data/local/tmp/edgeship-work/cache/cd.tflite
+INFO: The input model file size (MB): 0.034
+INFO: Initialized session in 5.23ms.
+INFO: Running benchmark for at least 1 iterations and at least 0.5 seconds but terminate if exceeding 150 seconds.
+INFO: count=3817 first=402 curr=98 min=95 max=402 avg=110.5 std=15 p5=96 median=108 p95=131
+
+INFO: Running benchmark for at least 50 iterations and at least 1 seconds but terminate if exceeding 150 seconds.
+INFO: count=9123 first=101 curr=99 min=94 max=311 avg=104.7 std=9 p5=96 median=103 p95=118
+
+INFO: Inference timings in us: Init: 5230, First inference: 402, Warmup (avg): 110.5, Inference (avg): 104.7
+INFO: Note: as the benchmark tool itself affects memory footprint, the following is only APPROXIMATE to the actual memory footprint of the model at runtime. Take the information at your discretion.
+INFO: Memory footprint delta from the start of the tool (MB): init=2.5 overall=3.1
+INFO: Overall peak memory footprint (MB) via periodic monitoring: 7.9
+"""
+
+GETPROP_AND_DF = """\
+arm64-v8a
+14
+Pixel 8
+Filesystem                 1K-blocks     Used Available Use% Mounted on
+/dev/block/bootdevice/by-name/userdata
+                           115569880 32517424  82921384  29% /data
+runner-present
+"""
+
+
+def phone_spec(name: str = "pixel", **overrides) -> DeviceSpec:
+    fields = {"name": name, "transport": "adb", "host": "", "serial": "SERIAL1",
+              "runner": "/data/local/tmp/executor_runner", "workdir": "edgeship-work", "timeout": 120}
+    fields.update(overrides)
+    return DeviceSpec(**fields)
+
+
+def test_executor_runner_output_is_parsed_into_load_time_and_per_iteration_latency() -> None:
+    times = adb.parse_executor_runner(EXECUTOR_RUNNER_OUTPUT)
+    assert times.iterations_ms == [2.734, 1.851, 1.799]
+    assert times.load_ms == pytest.approx(31.25)
+    with pytest.raises(ValueError, match="no 'Iteration i of N"):
+        adb.parse_executor_runner("E 00:00:00.000100 executorch:executor_runner.cpp:120] Could not load program")
+
+
+def test_benchmark_model_output_is_parsed_from_its_summary_lines() -> None:
+    times = adb.parse_benchmark_model(BENCHMARK_MODEL_OUTPUT)
+    assert times.init_ms == pytest.approx(5.23) and times.first_ms == pytest.approx(0.402)
+    assert times.runs["count"] == 9123 and times.runs["median"] == pytest.approx(0.103)  # the timed runs, not warm-up
+    assert times.peak_mb == pytest.approx(7.9)
+    latency = adb.latency_from_summary(times.runs)
+    assert latency["p50"] == pytest.approx(0.103) and latency["p90"] is None  # never invented
+    older = "count=50 first=79449 curr=81350 min=77385 max=88213 avg=79732 std=1929\n" \
+            "Average inference timings in us: Warmup: 83235, Init: 38467, Inference: 79760.9\n"
+    assert adb.parse_benchmark_model(older).init_ms == pytest.approx(38.467)
+    with pytest.raises(ValueError, match="did the model fail to load"):
+        adb.parse_benchmark_model("ERROR: Could not open '/data/local/tmp/x.tflite'.\n")
+
+
+def test_phone_facts_are_read_from_getprop_and_a_wrapped_df_row() -> None:
+    facts = adb.parse_facts(GETPROP_AND_DF, phone_spec())
+    assert facts["arch"] == "aarch64" and facts["model"] == "Pixel 8" and facts["release"] == "14"
+    assert facts["free_bytes"] == 82921384 * 1024 and facts["runner_format"] == "pte"
+    assert facts["runtimes"] == {"executor_runner": "native"}
+
+
+def test_built_commands_quote_every_value_for_host_and_phone() -> None:
+    phone = adb.AdbPhone(phone_spec(serial="SER; rm -rf /", adb="/opt/sdk/platform tools/adb"), adb.LocalHost())
+    line = phone.adb("shell", "ls 'a b'")
+    assert shlex.split(line) == ["/opt/sdk/platform tools/adb", "-s", "SER; rm -rf /", "shell", "ls 'a b'"]
+    command = adb.executor_runner_command("/data/local/tmp/executor_runner", "/w/m y.pte", ["/w/a.bin", "/w/b.bin"],
+                                          "/w/out", 5)
+    assert shlex.split(command) == ["/data/local/tmp/executor_runner", "--model_path=/w/m y.pte", "--num_executions=5",
+                                    "--inputs=/w/a.bin,/w/b.bin", "--output_file=/w/out"]
+    command = adb.benchmark_model_command("/data/local/tmp/benchmark_model", "/w/m.tflite",
+                                          {"x": ("/w/x.bin", (1, 16)), "mask": ("/w/m.bin", (1, 8))}, "/w/out.bin", 40, 3)
+    assert shlex.split(command)[1:] == ["--graph=/w/m.tflite", "--num_runs=40", "--warmup_runs=3",
+                                        "--report_peak_memory_footprint=true", "--input_layer=x,mask",
+                                        "--input_layer_shape=1,16:1,8",
+                                        "--input_layer_value_files=x:/w/x.bin,mask:/w/m.bin", "--output_filepath=/w/out.bin"]
+
+
+def test_a_runner_that_is_neither_tool_is_named() -> None:
+    with pytest.raises(DeviceError, match="neither ExecuTorch's executor_runner nor LiteRT's benchmark_model"):
+        adb.runner_kind(phone_spec(runner="/data/local/tmp/my_app"))
+
+
+@pytest.fixture(scope="module")
+def phones(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Fake phones (see the module docstring) with real stand-in binaries, and an export to test."""
+    root = tmp_path_factory.mktemp("phones")
+    tools = root / "platform-tools"
+    tools.mkdir()
+    shutil.copy(FAKES / "adb.py", tools / "adb.py")
+    (tools / "adb").write_text(f"#!/bin/sh\nexec {sys.executable} {tools / 'adb.py'} \"$@\"\n")
+    (tools / "adb").chmod(0o755)
+    bins = {}
+    for tool in ("executor_runner", "benchmark_model"):
+        bins[tool] = root / "phone-bin" / tool
+        bins[tool].parent.mkdir(exist_ok=True)
+        bins[tool].write_text(f"#!/bin/sh\nexec {sys.executable} {FAKES / (tool + '.py')} \"$@\"\n")
+        bins[tool].chmod(0o755)
+    props = {"ro.product.cpu.abi": "arm64-v8a", "ro.build.version.release": "14", "ro.product.model": "Fake Pixel"}
+    (tools / "phones.json").write_text(json.dumps({
+        "PTE1": {"props": props}, "TFL1": {"props": props},
+        "FULL1": {"props": props, "free_bytes": 1000},  # adb push fails with "No space left on device"
+    }))
+    summary = export(load_target("raspberry-pi"), load_model(MLP), root / "dist")
+    assert summary.ok
+    return {"root": root, "adb": str(tools / "adb"), "bins": bins, "export": summary.folder}
+
+
+def fake_phone(phones: dict, name: str, serial: str, tool: str, **overrides) -> DeviceSpec:
+    fields = {"serial": serial, "adb": phones["adb"], "runner": str(phones["bins"][tool]),
+              "workdir": str(phones["root"] / "phone-storage" / name), **overrides}
+    return phone_spec(name, **fields)
+
+
+def test_fake_phones_run_the_real_pte_and_tflite_through_their_native_runner_flags(phones: dict) -> None:
+    devices = [fake_phone(phones, "pixel-pte", "PTE1", "executor_runner"),
+               fake_phone(phones, "galaxy-tflite", "TFL1", "benchmark_model")]
+    settings = Settings(iterations=12, warmup=2)
+    run_folder, outcomes = run_devices(devices, phones["export"], phones["root"] / "results", settings)
+    by_name = {o.device: o for o in outcomes}
+    assert all(o.ok for o in outcomes), [(o.device, o.reason) for o in outcomes]
+    pte = by_name["pixel-pte"].result["artifacts"]["xnnpack-int8-dynamic"]
+    assert set(by_name["pixel-pte"].result["artifacts"]) == {"xnnpack-int8-dynamic"}  # executor_runner runs .pte only
+    assert pte["iterations"] == 12 and len(pte["samples_ms"]) == 12 and pte["load_ms"] > 0
+    assert pte["metrics"]["cosine"] > 0.999 and pte["passed"]
+    tfl = by_name["galaxy-tflite"].result["artifacts"]["litert-int8-dynamic"]
+    assert tfl["iterations"] >= 12 and tfl["latency_ms"]["p50"] > 0 and tfl["peak_rss_mb"] > 0
+    assert tfl["metrics"]["cosine"] > 0.999 and tfl["passed"]
+    facts = by_name["pixel-pte"].result["facts"]
+    assert facts["os"] == "Android" and facts["abi"] == "arm64-v8a" and facts["model"] == "Fake Pixel"
+    # outputs pulled back from the phone and kept with the run
+    saved = np.load(run_folder / "galaxy-tflite.outputs" / "litert-int8-dynamic.outputs.npz")
+    assert saved.files and (run_folder / "report.html").is_file()
+    assert "| pixel-pte | xnnpack-int8-dynamic |" in (run_folder / "report.md").read_text()
+    # nothing of the run is left on the phone but the artifact cache
+    assert [p.name for p in (phones["root"] / "phone-storage" / "pixel-pte").iterdir()] == ["cache"]
+    again, outcomes = run_devices(devices[:1], phones["export"], phones["root"] / "results", settings)
+    assert outcomes[0].ok and outcomes[0].result["pushed"] == [] and again != run_folder
+
+
+def test_fake_phone_faults_are_named_and_leave_the_good_phone_intact(phones: dict) -> None:
+    devices = [fake_phone(phones, "good", "PTE1", "executor_runner"),
+               fake_phone(phones, "unplugged", "GONE1", "executor_runner"),
+               fake_phone(phones, "no-runner", "PTE1", "executor_runner",
+                          runner=str(phones["root"] / "phone-bin" / "missing" / "executor_runner")),
+               fake_phone(phones, "storage-full", "FULL1", "executor_runner")]
+    run_folder, outcomes = run_devices(devices, phones["export"], phones["root"] / "results", Settings(iterations=3))
+    reasons = {o.device: o.reason for o in outcomes if not o.ok}
+    assert set(reasons) == {"unplugged", "no-runner", "storage-full"}
+    assert "adb cannot reach phone GONE1" in reasons["unplugged"] and "not found" in reasons["unplugged"]
+    assert "no executable runner" in reasons["no-runner"] and "chmod +x" in reasons["no-runner"]
+    assert "No space left on device" in reasons["storage-full"]
+    assert json.loads((run_folder / "good.json").read_text())["ok"] is True
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs openssh-server (make test installs it)")
+def test_fake_phone_attached_to_a_lab_host_reached_over_real_ssh(phones: dict) -> None:
+    """The phone hangs off another machine: Fabric reaches that host for real (sshd on loopback),
+    files are staged there, and adb runs there."""
+    root = phones["root"]
+    keygen(root / "client_key")
+    board = make_board(root, "lab-host", sys.executable, root / "client_key")
+    try:
+        known_hosts = root / "known_hosts"
+        known_hosts.write_text(board.known_hosts_line())
+        device = fake_phone(phones, "remote-pixel", "PTE1", "executor_runner", host="127.0.0.1", port=board.port,
+                            user=getpass.getuser(), key=str(root / "client_key"),
+                            host_workdir=str(root / "lab-host-staging"))
+        _, outcomes = run_devices([device], phones["export"], root / "results",
+                                  Settings(iterations=5, known_hosts=known_hosts))
+        assert outcomes[0].ok, outcomes[0].reason
+        assert (root / "lab-host-staging" / "staging").is_dir()  # files went through the host
+        assert outcomes[0].result["artifacts"]["xnnpack-int8-dynamic"]["metrics"]["cosine"] > 0.999
+    finally:
+        board.stop()
