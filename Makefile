@@ -20,6 +20,10 @@ DEVICE ?=
 BASELINE ?=
 
 BENCH_RUNS ?= 3
+# LiteRT-LM's engine (the runtime Android apps load .litertlm bundles with) lives in an environment of
+# its own: bench times the bundles in it, and a test proves the bundles load there.
+LITERTLM_VENV ?= .venv-litertlm
+LITERTLM_STAMP := $(LITERTLM_VENV)/.edgeship-installed
 
 .PHONY: help env system-packages export targets validate test test-fast bench device-test devices-check clean distclean
 
@@ -37,6 +41,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PIP) -c constraints.txt -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
 	@touch $@
 
+$(LITERTLM_STAMP):
+	@test -x $(LITERTLM_VENV)/bin/python || $(PYTHON) -m venv $(LITERTLM_VENV)
+	@echo "edgeship: installing LiteRT-LM's engine into $(LITERTLM_VENV) (first run only)"
+	@$(LITERTLM_VENV)/bin/pip install --quiet --disable-pip-version-check litert-lm-api==0.18.1 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $@
+
 # Debian packages the device-harness tests need (a real sshd plays the board).
 system-packages:
 	@command -v /usr/sbin/sshd >/dev/null || { \
@@ -52,10 +62,10 @@ targets: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/edgeship validate $(DIR)
 
-test: $(STAMP) system-packages
+test: $(STAMP) $(LITERTLM_STAMP) system-packages
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(LITERTLM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Shell snippet: export (reused when unchanged) and set $$folder to the export folder (the CLI's last line
@@ -64,8 +74,8 @@ EXPORT_FOLDER = manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MOD
 	--output $(OUTPUT) -q $(ARGS) | tail -1); folder=$$(dirname "$$manifest")
 
 # Time every artifact against eager PyTorch, alternating engines.
-bench: $(STAMP)
-	@$(EXPORT_FOLDER); $(BIN)/python -m exporter.bench "$$folder" $(BENCH_RUNS)
+bench: $(STAMP) $(LITERTLM_STAMP)
+	@$(EXPORT_FOLDER); EDGESHIP_LITERTLM_PYTHON=$(LITERTLM_VENV)/bin/python $(BIN)/python -m exporter.bench "$$folder" $(BENCH_RUNS)
 
 # Export (reused when unchanged), then run it on every device of the inventory that serves TARGET.
 device-test: $(STAMP)
@@ -78,4 +88,4 @@ clean:
 	rm -rf $(OUTPUT) .pytest_cache
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LITERTLM_VENV)

@@ -9,6 +9,7 @@ on the same real text for every artifact.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -79,8 +80,44 @@ class _EagerCached:
         return out.logits[0, -1].float().numpy()
 
 
+# Runs in LiteRT-LM's own environment (litert-lm-api; nothing of edgeship there): the engine Android apps
+# use, timing a .litertlm bundle with its own benchmark mode (prefill of N tokens, then N decode steps).
+_LITERTLM_WORKER = """
+import json, resource, sys, time
+import litert_lm
+began = time.perf_counter()
+info = litert_lm.Benchmark(model_path=sys.argv[1], backend=litert_lm.interfaces.CPU(thread_count=int(sys.argv[4])),
+                           prefill_tokens=int(sys.argv[2]), decode_tokens=int(sys.argv[3])).run()
+print(json.dumps({"load_s": info.init_time_in_second, "ttft_s": info.time_to_first_token_in_second,
+                  "prefill_tokens_per_s": info.last_prefill_tokens_per_second,
+                  "decode_tokens_per_s": info.last_decode_tokens_per_second,
+                  "prompt_tokens": info.last_prefill_token_count,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def litertlm_python() -> Path | None:
+    """The Python of LiteRT-LM's environment (``make bench`` creates .venv-litertlm), if there is one."""
+    path = Path(os.environ.get("EDGESHIP_LITERTLM_PYTHON", ".venv-litertlm/bin/python"))
+    return path if path.is_file() else None
+
+
+def _prompt_tokens(folder: Path) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def _run_engine(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
-    command = [sys.executable, "-m", "exporter.bench", engine, str(folder), artifact or "-"]
+    if engine == "litertlm":
+        python = litertlm_python()
+        assert python is not None and artifact is not None
+        command = [str(python), "-c", _LITERTLM_WORKER, str(folder / artifact), str(_prompt_tokens(folder)),
+                   str(DECODE_TOKENS), str(os.cpu_count() or 1)]
+    else:
+        command = [sys.executable, "-m", "exporter.bench", engine, str(folder), artifact or "-"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -95,6 +132,9 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
         raise SystemExit("error: edgeship bench measures language-model exports; this folder holds another model")
     engines: list[tuple[str, str | None]] = [("eager", None)]
     engines += [(a["format"], a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
+    if litertlm_python() is not None:  # the bundle as LiteRT-LM runs it in an app
+        engines += [("litertlm", c["file"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
+                    for c in a.get("companions", []) if c["file"].endswith(".litertlm")]
     samples: dict[str, list[dict[str, Any]]] = {name or kind: [] for kind, name in engines}
     for _ in range(runs):  # round-robin: every engine sees the same machine conditions
         for kind, name in engines:
@@ -103,15 +143,17 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
     for kind, name in engines:
         key = name or kind
         good = [s for s in samples[key] if "error" not in s]
-        record = next((a for a in data["artifacts"] if a["name"] == name), None)
+        record = next((a for a in data["artifacts"] if a["name"] == name
+                       or any(c["file"] == name for c in a.get("companions", []))), None)
         metrics = ((record or {}).get("parity") or {}).get("metrics", {})
-        row: dict[str, Any] = {"engine": key, "runs": len(good)}
+        row: dict[str, Any] = {"engine": f"{key} (LiteRT-LM)" if kind == "litertlm" else key, "runs": len(good)}
         if not good:
             row["error"] = samples[key][0].get("error")
         for field in ("load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"):
             if good:
                 row[field] = statistics.median(s[field] for s in good)
-        row["size_mb"] = record["size"] / 1e6 if record else None
+        sizes = {c["file"]: c["size"] for c in (record or {}).get("companions", [])}
+        row["size_mb"] = sizes.get(key, (record or {}).get("size", 0)) / 1e6 if record else None
         row["token_agreement"] = 1.0 if record is None else metrics.get("token_agreement")
         row["mean_kl"] = 0.0 if record is None else metrics.get("mean_kl")
         rows.append(row)

@@ -24,9 +24,10 @@ def _load_custom_ops() -> None:
 
 
 class _Step:
-    """The start position of the current forward, shared by every attention layer of the model."""
+    """The start position (or Core ML's causal mask) of the current forward, shared by every attention layer."""
 
     start_pos: Any = 0
+    mask: Any = None
 
 
 def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -92,6 +93,75 @@ class ExportableDecoder(nn.Module):
 
     def reset(self) -> None:
         """Empty the KV cache (only the caches: RoPE's inv_freq is a buffer too)."""
+        for attention in attention_modules(self.inner):
+            attention.k_cache.zero_()
+            attention.v_cache.zero_()
+
+
+COREML_ATTENTION = "edgeship_coreml_state"
+
+
+def coreml_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention over a KV cache that Core ML keeps as state. The step's keys and values are written into
+    the cache buffers by slice assignment (coremltools turns in-place buffer writes into state updates);
+    where they go comes from the causal mask's shape [1, 1, seq, end], so no position value is needed
+    in the graph. query/key/value arrive as [batch, heads, seq, head_dim]."""
+    mask = module.edgeship_step.mask
+    end, count = mask.shape[-1], key.shape[2]
+    module.k_cache[:, :, end - count:end, :] = key
+    module.v_cache[:, :, end - count:end, :] = value
+    keys, values = module.k_cache[:, :, :end, :], module.v_cache[:, :, :end, :]
+    groups = query.shape[1] // keys.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2), None  # [batch, seq, heads, head_dim], which HF reshapes to hidden
+
+
+def causal_mask(start: int, count: int) -> torch.Tensor:
+    """The mask a Core ML decoder step takes: ``count`` new tokens at ``start``, attending to all before."""
+    rows = torch.arange(count).unsqueeze(1) + start
+    columns = torch.arange(start + count).unsqueeze(0)
+    return torch.where(columns <= rows, 0.0, float("-inf")).reshape(1, 1, count, start + count)
+
+
+class StatefulDecoder(nn.Module):
+    """forward(input_ids [1, seq], causal_mask [1, 1, seq, end]) -> logits of the last token [1, vocab],
+    with the KV cache as buffers that Core ML (iOS 18+) keeps as model state between predictions.
+
+    The prompt goes in at once (end = its length), then one token per call (end grows by one); the
+    caller owns the position through the mask, as in Apple's own stateful LLM examples.
+    """
+
+    def __init__(self, causal_lm: nn.Module, max_context: int) -> None:
+        super().__init__()
+        from transformers import AttentionInterface, AttentionMaskInterface
+
+        AttentionInterface.register(COREML_ATTENTION, coreml_attention)
+        AttentionMaskInterface.register(COREML_ATTENTION, lambda *args, **kwargs: None)
+        self.inner = causal_lm
+        self.max_context = max_context
+        config = causal_lm.config
+        config._attn_implementation = COREML_ATTENTION
+        self.step = _Step()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        for attention in attention_modules(causal_lm):
+            attention.edgeship_step = self.step
+            attention.register_buffer("k_cache", torch.zeros(1, kv_heads, max_context, head_dim), persistent=False)
+            attention.register_buffer("v_cache", torch.zeros(1, kv_heads, max_context, head_dim), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        end, count = causal_mask.shape[-1], input_ids.shape[1]
+        self.step.mask = causal_mask
+        positions = torch.arange(end - count, end, dtype=torch.long).unsqueeze(0)
+        hidden = self.inner.base_model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+        return self.inner.get_output_embeddings()(hidden[:, -1, :])
+
+    def reset(self) -> None:
         for attention in attention_modules(self.inner):
             attention.k_cache.zero_()
             attention.v_cache.zero_()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -152,9 +153,11 @@ def test_default_model_exports_for_android_and_answers_through_both_runtimes(tmp
     assert "Tokyo" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
 
 
-def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from exporter.bench import bench, render
 
+    monkeypatch.setenv("EDGESHIP_LITERTLM_PYTHON", str(tmp_path / "no-litert-lm"))  # the next test covers it
     target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
     summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
     result = bench(summary.folder, runs=1)
@@ -165,3 +168,77 @@ def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
     assert rows["xnnpack-fp32"]["token_agreement"] >= 0.99
     assert "xnnpack-fp32 |" in render(result)
+
+
+def test_litertlm_bundle_runs_unchanged_in_the_litert_lm_engine(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    """The .litertlm is loaded and timed by LiteRT-LM's own engine (litert-lm-api, its own venv)."""
+    from exporter.bench import bench, litertlm_python
+
+    if litertlm_python() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have LiteRT-LM's environment: make test creates .venv-litertlm")
+        pytest.skip("no .venv-litertlm (make test creates it)")
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
+    rows = {row["engine"]: row for row in bench(summary.folder, runs=1)["rows"]}
+    engine = rows["litert-fp32.litertlm (LiteRT-LM)"]
+    assert "error" not in engine, engine
+    assert engine["decode_tokens_per_s"] > 0 and engine["prefill_tokens_per_s"] > 0 and engine["load_s"] > 0
+    assert engine["token_agreement"] == rows["litert-fp32"]["token_agreement"]  # same weights and graph
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_stateful_core_ml_decoder_steps_its_cache_like_the_eager_model(tiny_lms: dict[str, Path],
+                                                                       architecture: str) -> None:
+    """The module converted to Core ML: prompt at once, then token by token with the cache as buffers."""
+    import copy
+
+    import torch
+
+    from exporter import llm
+
+    language = load_model(str(tiny_lms[architecture]), SourceOptions(context_len=64)).language
+    ids = [5, 17, 99, 3, 42, 7, 250, 8]
+    with torch.no_grad():
+        eager = language.causal_lm(torch.tensor([ids])).logits[0]
+        decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), 64).eval()
+        got = [decoder(torch.tensor([ids[:5]]), llm.causal_mask(0, 5))[0]]
+        got += [decoder(torch.tensor([[token]]), llm.causal_mask(position, 1))[0] for position, token in
+                enumerate(ids[5:], start=5)]
+    torch.testing.assert_close(torch.stack(got), eager[4:], atol=1e-4, rtol=1e-4)
+
+
+def test_language_model_exports_to_a_stateful_mlpackage_for_ios(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    """Core ML runs only on macOS: here the package is converted and checked, its numerics pend a Mac."""
+    import coremltools as ct
+
+    target = load_target_file(write_target(tmp_path, "ios-lm", """
+[[artifact]]
+format = "mlpackage"
+quant = "int8-weight"
+group_size = 32
+compute_precision = "fp16"
+deployment_target = "iOS18"
+[artifact.parity]
+min_token_agreement = 0.9
+"""))
+    summary = export(target, load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)), tmp_path / "dist")
+    result = summary.results[0]
+    record = result.record
+    assert result.status == "pending-mac", (record.get("failures"), record.get("error"))
+    assert all(c["passed"] for c in record["structural_checks"]), record["structural_checks"]
+    assert len(record["details"]["kv_cache_states"]) == 2 * 2  # tiny qwen2 has two layers
+    assert record["quantisation"]["float_layers"] == 0 and record["quantisation"]["quantised_layers"] > 0
+    spec = ct.utils.load_spec(str(summary.folder / record["file"]))
+    assert [i.name for i in spec.description.input] == ["input_ids", "causal_mask"]
+    assert spec.specificationVersion >= 9  # iOS 18: the first Core ML with model state
+    too_old = load_target_file(write_target(tmp_path, "ios17-lm", """
+[[artifact]]
+format = "mlpackage"
+quant = "fp16"
+deployment_target = "iOS17"
+[artifact.parity]
+min_token_agreement = 0.9
+"""))
+    refused = export(too_old, load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)), tmp_path / "dist17")
+    assert refused.results[0].status == "error" and "needs deployment_target = \"iOS18\"" in refused.results[0].record["error"]

@@ -66,13 +66,61 @@ def compressed_weights(mlmodel: Any) -> dict[str, str]:
 
 def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
     if model.language is not None:
-        # Issue 3: a stateful Core ML model (KV cache as state, iOS18) is the next step for LMs.
-        raise ConversionError(spec.filename, "Core ML export of decoder language models (stateful KV cache) is not "
-                                             "implemented yet; export the .pte artifacts, or an encoder/other model")
+        return build_decoder(model, spec, destination)
     assert program is not None  # the pipeline traces once for every non-language model
+    plan = plan_layers(model.module, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+    mlmodel, layers = _compress(convert(program, spec), plan, spec)
+    _save(mlmodel, spec, destination)
+    return Built(layers=layers, details={"deployment_target": spec.deployment_target,
+                                         "compute_precision": spec.compute_precision})
+
+
+def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """A decoder LM as a stateful Core ML model: the KV cache is model state (iOS 18+), the prompt length
+    and position are flexible (inputs ``input_ids`` [1, seq] and ``causal_mask`` [1, 1, seq, end]), the
+    output is the last token's logits. Apps create one state per conversation (``makeState()``)."""
+    import copy
+
+    from .. import llm
+
+    if DEPLOYMENT_ORDER.index(spec.deployment_target or "iOS17") < DEPLOYMENT_ORDER.index("iOS18"):
+        raise ConversionError(spec.filename, f"a language model keeps its KV cache as Core ML state, which needs "
+                                             f"deployment_target = \"iOS18\" or later (the target says "
+                                             f"{spec.deployment_target or 'iOS17'})")
+    language = model.language
+    context = language.max_context
+    decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), context).eval()
+    bos = int(language.tokenizer.bos_token_id or 0)
+    sample = (torch.tensor([[bos] * 4]), llm.causal_mask(0, 4))
+    # A step of `seq` new tokens ends at `end` <= context - 1 (torch.export guards the top value itself).
+    seq = torch.export.Dim("seq", min=1, max=context - 1)
+    end = torch.export.Dim("end", min=1, max=context - 1)
+    try:
+        program = torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, {2: seq, 3: end}), strict=False)
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"torch.export of the stateful decoder failed: {exc}") from exc
+    plan = plan_layers(decoder, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+    mlmodel, layers = _compress(convert(program, spec), plan, spec)
+    _save(mlmodel, spec, destination)
+    states = [state.name for state in mlmodel.get_spec().description.state]
+    return Built(layers=layers, details={"deployment_target": spec.deployment_target,
+                                         "compute_precision": spec.compute_precision, "max_context": context - 1,
+                                         "inputs": ["input_ids", "causal_mask"], "kv_cache_states": states})
+
+
+DEPLOYMENT_ORDER = ("iOS16", "iOS17", "iOS18", "macOS15")
+
+
+def _save(mlmodel: Any, spec: ArtifactSpec, destination: Path) -> None:
+    try:
+        mlmodel.save(str(destination))
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"saving the Core ML package failed: {exc}") from exc
+
+
+def _compress(mlmodel: Any, plan: list[LayerDecision], spec: ArtifactSpec) -> tuple[Any, list[LayerDecision]]:
+    """coremltools weight compression of the planned layers; each layer reported as it really came out."""
     scheme = SCHEMES[spec.quant]
-    plan = plan_layers(model.module, scheme, spec.group_size, spec.skip_layers)
-    mlmodel = convert(program, spec)
     if scheme.weight_bits is not None:
         from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights
 
@@ -85,13 +133,7 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
             mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(global_config=config, op_name_configs=overrides))
         except Exception as exc:
             raise ConversionError(spec.filename, f"coremltools weight compression failed: {exc}") from exc
-    layers = _reconcile(plan, compressed_weights(mlmodel)) if scheme.weight_bits is not None else plan
-    try:
-        mlmodel.save(str(destination))
-    except Exception as exc:
-        raise ConversionError(spec.filename, f"saving the Core ML package failed: {exc}") from exc
-    return Built(layers=layers, details={"deployment_target": spec.deployment_target,
-                                         "compute_precision": spec.compute_precision})
+    return mlmodel, (_reconcile(plan, compressed_weights(mlmodel)) if scheme.weight_bits is not None else plan)
 
 
 def _reconcile(plan: list[LayerDecision], compressed: dict[str, str]) -> list[LayerDecision]:
@@ -122,6 +164,30 @@ def load(path: Path, backend: str = "mlprogram") -> Runner | None:
     return run
 
 
+def lm_stepper(path: Path, backend: str = "mlprogram") -> Any:
+    """Feed tokens at a position, get the last token's logits: the stateful model on macOS, else None."""
+    if platform.system() != "Darwin":
+        return None  # Core ML prediction exists only on macOS; parity stays pending a Mac
+    import coremltools as ct
+    import numpy as np
+
+    from .. import llm
+
+    mlmodel = ct.models.MLModel(str(path))
+    output = mlmodel.get_spec().description.output[0].name
+    holder: dict[str, Any] = {}
+
+    def step(tokens: list[int], start_pos: int) -> np.ndarray:
+        if start_pos == 0:
+            holder["state"] = mlmodel.make_state()  # a new conversation: an empty KV cache
+        inputs = {"input_ids": np.array([tokens], np.int32),
+                  "causal_mask": llm.causal_mask(start_pos, len(tokens)).numpy().astype(np.float32)}
+        result = mlmodel.predict(inputs, state=holder["state"])
+        return np.asarray(result[output], np.float32).reshape(-1)
+
+    return step
+
+
 _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
 
 
@@ -143,12 +209,25 @@ def inspect(path: Path) -> Signature:
 def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
           built_layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What can be verified without a Mac: the package loads, its signature matches, weights compressed as planned."""
+    import coremltools as ct
+
     signature = inspect(path)
     checks = [{"check": "package loads (spec and weights readable)", "passed": True}]
-    want_inputs = [tuple(s) for s in input_shapes]
+    states = [state.name for state in ct.utils.load_spec(str(path)).description.state]
     got_inputs = [t.shape for t in signature.inputs]
-    checks.append({"check": "input shapes match the model", "passed": want_inputs == got_inputs,
-                   "expected": [list(s) for s in want_inputs], "found": [list(s) for s in got_inputs]})
+    if states:  # a stateful decoder: its own inputs, and one key and one value cache per attention layer
+        names = [t.name for t in signature.inputs]
+        checks.append({"check": "decoder inputs are input_ids and causal_mask",
+                       "passed": names == ["input_ids", "causal_mask"], "found": names})
+        keys = sorted(s.removesuffix("k_cache") for s in states if s.endswith("k_cache"))
+        values = sorted(s.removesuffix("v_cache") for s in states if s.endswith("v_cache"))
+        checks.append({"check": "KV cache is model state (a key and a value cache per attention layer)",
+                       "passed": bool(keys) and keys == values and len(keys) + len(values) == len(states),
+                       "found": states})
+    else:
+        want_inputs = [tuple(s) for s in input_shapes]
+        checks.append({"check": "input shapes match the model", "passed": want_inputs == got_inputs,
+                       "expected": [list(s) for s in want_inputs], "found": [list(s) for s in got_inputs]})
     checks.append({"check": "output count matches the model", "passed": len(signature.outputs) == output_count,
                    "expected": output_count, "found": len(signature.outputs)})
     weights = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
