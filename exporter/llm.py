@@ -167,6 +167,21 @@ class StatefulDecoder(nn.Module):
             attention.v_cache.zero_()
 
 
+def export_stateful(decoder: StatefulDecoder, bos: int) -> torch.export.ExportedProgram:
+    """torch.export of a StatefulDecoder with a flexible step: ``seq`` new tokens ending at ``end``."""
+    context = decoder.max_context
+    sample = (torch.tensor([[bos] * 4]), causal_mask(0, 4))
+    # end <= context - 1: torch.export guards the top value itself (it specialises on it).
+    seq = torch.export.Dim("seq", min=1, max=context - 1)
+    end = torch.export.Dim("end", min=1, max=context - 1)
+    return torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, {2: seq, 3: end}), strict=False)
+
+
+def stateful_input_bounds(context: int) -> list[list[int]]:
+    """The largest inputs of export_stateful's program (what ExecuTorch's method metadata reports)."""
+    return [[1, context - 1], [1, 1, context - 1, context - 1]]
+
+
 class QuantizedEmbedding(nn.Module):
     """An int8 embedding table with one scale per row (or per group), looked up by ExecuTorch's
     ``quantized_decomposed::embedding_byte`` kernel without dequantising the table."""

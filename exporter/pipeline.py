@@ -254,7 +254,8 @@ def _build_one(
                     metrics = measure(spec.format.value, spec.backend, staged, golden, model.logits_outputs,
                                       model.padding_mask)
             if metrics is None:
-                checks = fmt.check(staged, [tuple(t.shape) for t in model.sample_inputs], len(model.output_names), layers)
+                shapes = built.details.get("sample_input_shapes") or [t.shape for t in model.sample_inputs]
+                checks = fmt.check(staged, [tuple(s) for s in shapes], len(model.output_names), layers)
                 record["structural_checks"] = checks
                 passed = all(c["passed"] for c in checks)
                 record["parity"] = {"pending": "numeric parity needs a Mac (Core ML runs only on macOS); "

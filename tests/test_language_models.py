@@ -13,7 +13,7 @@ from exporter.errors import SourceError
 from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.sources.decoder import SUPPORTED
-from exporter.targets import load_target_file
+from exporter.targets import load_target, load_target_file
 from tests.conftest import make_tiny_lm, run_cli, smollm2_gguf, write_target
 
 FLOAT_BOTH = """
@@ -212,18 +212,9 @@ def test_language_model_exports_to_a_stateful_mlpackage_for_ios(tiny_lms: dict[s
     """Core ML runs only on macOS: here the package is converted and checked, its numerics pend a Mac."""
     import coremltools as ct
 
-    target = load_target_file(write_target(tmp_path, "ios-lm", """
-[[artifact]]
-format = "mlpackage"
-quant = "int8-weight"
-group_size = 32
-compute_precision = "fp16"
-deployment_target = "iOS18"
-[artifact.parity]
-min_token_agreement = 0.9
-"""))
-    summary = export(target, load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)), tmp_path / "dist")
-    result = summary.results[0]
+    summary = export(load_target("ios"), load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)),
+                     tmp_path / "dist")
+    result, delegate = summary.results
     record = result.record
     assert result.status == "pending-mac", (record.get("failures"), record.get("error"))
     assert all(c["passed"] for c in record["structural_checks"]), record["structural_checks"]
@@ -232,6 +223,9 @@ min_token_agreement = 0.9
     spec = ct.utils.load_spec(str(summary.folder / record["file"]))
     assert [i.name for i in spec.description.input] == ["input_ids", "causal_mask"]
     assert spec.specificationVersion >= 9  # iOS 18: the first Core ML with model state
+    # the ExecuTorch .pte with the Core ML delegate: the same stateful decoder, one delegate call
+    assert delegate.status == "pending-mac", (delegate.record.get("failures"), delegate.record.get("error"))
+    assert delegate.record["details"]["delegate_calls"] == 1 and delegate.record["details"]["non_delegated_ops"] == {}
     too_old = load_target_file(write_target(tmp_path, "ios17-lm", """
 [[artifact]]
 format = "mlpackage"

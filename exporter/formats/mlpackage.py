@@ -90,13 +90,8 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     language = model.language
     context = language.max_context
     decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), context).eval()
-    bos = int(language.tokenizer.bos_token_id or 0)
-    sample = (torch.tensor([[bos] * 4]), llm.causal_mask(0, 4))
-    # A step of `seq` new tokens ends at `end` <= context - 1 (torch.export guards the top value itself).
-    seq = torch.export.Dim("seq", min=1, max=context - 1)
-    end = torch.export.Dim("end", min=1, max=context - 1)
     try:
-        program = torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, {2: seq, 3: end}), strict=False)
+        program = llm.export_stateful(decoder, int(language.tokenizer.bos_token_id or 0))
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the stateful decoder failed: {exc}") from exc
     plan = plan_layers(decoder, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)

@@ -246,6 +246,8 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     4-bit blocks carried over exactly where the scheme matches them."""
     from .. import llm
 
+    if spec.backend == "coreml":
+        return _build_coreml_decoder(model, spec, destination)
     language = model.language
     causal_lm = copy.deepcopy(language.causal_lm)
     carried = _carried_blocks(model, causal_lm, spec)
@@ -284,6 +286,25 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     return Built(layers=layers, details={**details, **details_extra})
 
 
+def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """Core ML cannot run ExecuTorch's custom attention ops, so the delegate gets the stateful decoder of
+    the .mlpackage (inputs input_ids and causal_mask; the KV cache becomes Core ML state inside the
+    delegate): one delegate call for the whole model, for apps that already embed ExecuTorch."""
+    from .. import llm
+
+    language = model.language
+    decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), language.max_context).eval()
+    module, layers = quantise(decoder, spec, in_place=True)
+    try:
+        program = llm.export_stateful(module, int(language.tokenizer.bos_token_id or 0))
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"torch.export of the stateful decoder failed: {describe_failure(exc)}") from exc
+    buffer, details = lower(program, spec, check_ir_validity=False)
+    destination.write_bytes(buffer)
+    return Built(layers=layers, details={**details, "inputs": ["input_ids", "causal_mask"],
+                                         "sample_input_shapes": llm.stateful_input_bounds(language.max_context)})
+
+
 def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
     """Feed tokens at a position, get the last token's logits: how lm_parity drives a .pte."""
     method = _forward_method(path, backend)
@@ -291,7 +312,13 @@ def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
         return None
 
     def step(tokens: list[int], start_pos: int) -> np.ndarray:
-        out = method.execute([torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long)])
+        if backend == "coreml":  # the stateful decoder: the position travels in the causal mask's shape
+            from ..llm import causal_mask
+
+            inputs = [torch.tensor([tokens], dtype=torch.long), causal_mask(start_pos, len(tokens))]
+        else:
+            inputs = [torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long)]
+        out = method.execute(inputs)
         return out[0].reshape(-1, out[0].shape[-1])[-1].float().numpy().copy()
 
     return step
