@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -126,6 +127,14 @@ def export(
             progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
             results.append(ArtifactResult(spec, reused["status"], reused))
             continue
+        sibling = _from_other_target(output_root, target.name, model.name, spec, key, folder)
+        if sibling is not None:
+            origin, record = sibling
+            record = _rejudge(record, spec)
+            progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
+                         f"({record['status']})")
+            results.append(ArtifactResult(spec, record["status"], record))
+            continue
         if program is None and model.language is None:
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
@@ -214,6 +223,34 @@ def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any]
     if not path.exists() or files.sha256_of(path) != record.get("sha256"):
         return None
     return record
+
+
+def _from_other_target(output_root: Path, target: str, model_name: str, spec: ArtifactSpec, key: str,
+                       folder: Path) -> tuple[str, dict[str, Any]] | None:
+    """An identical artifact (same key: model, spec, toolchain, data) that another target's export of this
+    model already built and checked: copied into this target's folder instead of converted again."""
+    for manifest_path in sorted(output_root.glob(f"*/{model_name}/{manifest.MANIFEST}")):
+        other = manifest_path.parent
+        if other.parent.name == target:
+            continue
+        records = (manifest.read(other) or {}).get("artifacts", [])
+        record = next((r for r in records if r.get("name") == spec.name and r.get("key") == key), None)
+        if record is None or _reusable(other, spec, key, record) is None:
+            continue
+        companions = record.get("companions", [])
+        if any(not (other / c["file"]).exists() or files.sha256_of(other / c["file"]) != c["sha256"] for c in companions):
+            continue
+        with files.staging(folder) as stage:
+            for name in [spec.filename, *(c["file"] for c in companions)]:
+                source = other / name
+                if source.is_dir():  # a .mlpackage is a folder
+                    shutil.copytree(source, stage / name)
+                else:
+                    shutil.copy2(source, stage / name)
+            for name in [spec.filename, *(c["file"] for c in companions)]:
+                files.replace(stage / name, folder / name)
+        return other.parent.name, {**record, "copied_from_target": other.parent.name}
+    return None
 
 
 def _build_one(

@@ -41,6 +41,26 @@ def test_rerun_reuses_unchanged_artifacts(tmp_path: Path) -> None:
     assert pte.stat().st_mtime_ns == stamp  # not rewritten
 
 
+def test_an_artifact_another_target_built_is_copied_not_rebuilt(tmp_path: Path) -> None:
+    first = export(load_target_file(write_target(tmp_path, "two", TWO)), load_model(MLP), tmp_path / "dist")
+    # a second target sharing the .tflite (same spec) and with a .pte of its own
+    other = TWO.replace('quant = "int8-dynamic"', 'quant = "8da4w"\ngroup_size = 32').replace("0.9999", "0.99999")
+    second = export(load_target_file(write_target(tmp_path, "other", other)), load_model(MLP), tmp_path / "dist")
+    by_name = {r.record["name"]: r.record for r in second.results}
+    copied = by_name["litert-fp32"]
+    assert copied["copied_from_target"] == "two" and "copied_from_target" not in by_name["xnnpack-8da4w"]
+    assert copied["sha256"] == {r.record["name"]: r.record for r in first.results}["litert-fp32"]["sha256"]
+    assert (second.folder / "litert-fp32.tflite").read_bytes() == (first.folder / "litert-fp32.tflite").read_bytes()
+    assert copied["thresholds"]["min_cosine"] == 0.99999  # judged against this target's own thresholds
+    # a tampered file in another target is never copied
+    (first.folder / "litert-fp32.tflite").write_bytes(b"garbage")
+    third = export(load_target_file(write_target(tmp_path, "third", TWO)), load_model(MLP), tmp_path / "dist")
+    copies = {r.record["name"]: r.record.get("copied_from_target") for r in third.results}
+    assert copies == {"xnnpack-int8-dynamic": "two", "litert-fp32": "other"}  # the intact copy, not the tampered
+    assert (third.folder / "litert-fp32.tflite").read_bytes() == (second.folder / "litert-fp32.tflite").read_bytes()
+    assert third.ok
+
+
 def test_changing_one_artifact_rebuilds_only_that_one(tmp_path: Path) -> None:
     export(load_target_file(write_target(tmp_path, "two", TWO)), load_model(MLP), tmp_path / "dist")
     folder = tmp_path / "dist" / "two" / "mlp"
