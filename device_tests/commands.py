@@ -27,10 +27,6 @@ def _select(args: argparse.Namespace, target: str | None = None) -> list:
         devices = [d for d in devices if d.name in wanted]
     elif target:
         devices = [d for d in devices if not d.targets or target in d.targets]
-    unsupported = [d.name for d in devices if d.transport == "mac"]
-    if unsupported:
-        raise DeviceError(f"{', '.join(unsupported)}: the mac transport is not implemented yet; "
-                          "select ssh and adb devices with --device")
     if not devices:
         raise DeviceError(f"{args.devices}: no device serves target {target}")
     return devices
@@ -99,6 +95,8 @@ def devices_check_command(args: argparse.Namespace) -> int:
             device.put(Path(runner_module.__file__), f"{spec.workdir.rstrip('/')}/runner.py")
             facts = json.loads(device.run(f"{shlex.quote(spec.python)} {shlex.quote(spec.workdir.rstrip('/') + '/runner.py')} "
                                           f"--facts {shlex.quote(spec.workdir)}").stdout)
+            if spec.transport == "mac" and facts["os"] != "Darwin":
+                raise DeviceError(f"{spec.name}: {spec.host} runs {facts['os']}, not macOS; Core ML needs a Mac")
             runtimes = ", ".join(f"{k} {v}" for k, v in facts["runtimes"].items()) or "none"
             print(f"{spec.name}: reachable, {facts['arch']} {facts['os']} {facts['release']}, Python {facts['python']}, "
                   f"NumPy {facts['numpy']}, {facts['free_bytes'] / 1e9:.1f} GB free, runtimes: {runtimes}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import tarfile
 import shlex
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,8 @@ from .inventory import DeviceSpec
 from .report import write_reports
 from .transport import SshDevice
 
-RUNTIMES_FOR = {"tflite": ("ai_edge_litert", "tflite_runtime"), "pte": ("executorch",)}
+RUNTIMES_FOR = {"tflite": ("ai_edge_litert", "tflite_runtime"), "pte": ("executorch",), "mlpackage": ("coremltools",)}
+LM_FORMATS = ("pte", "mlpackage")  # language-model formats the on-device runner can step
 
 
 @dataclass
@@ -61,7 +63,7 @@ def plan(data: dict[str, Any], facts: dict[str, Any], device: DeviceSpec) -> lis
     for record in data["artifacts"]:
         if record.get("status") not in ("passed", "failed") or record["format"] not in RUNTIMES_FOR:
             continue
-        if language_model and record["format"] != "pte":
+        if language_model and record["format"] not in LM_FORMATS:
             missing.add(f"language-model .{record['format']} artifacts do not run on devices yet (.pte ones do)")
             continue
         if present & set(RUNTIMES_FOR[record["format"]]):
@@ -91,7 +93,7 @@ def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
             connection = adb.SshHost(_ssh(spec, settings)) if spec.host else adb.LocalHost()
             result = adb.run_phone(spec, export_folder, data, run_folder, settings, connection, log)
         else:
-            connection = _ssh(spec, settings)
+            connection = _ssh(spec, settings)  # an ssh board, or a Mac (the same runner, with coremltools)
             result = _run_board(connection, spec, export_folder, data, run_folder, settings, log)
         failed = [n for n, m in result["artifacts"].items() if not m.get("passed")]
         reason = "; ".join(f"{n}: {result['artifacts'][n].get('error') or _failed_checks(result['artifacts'][n])}"
@@ -124,6 +126,9 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
     device.put(Path(runner_module.__file__), _remote(spec, "runner.py"))
     facts = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
     log.append(f"facts: {json.dumps(facts)}")
+    if spec.transport == "mac" and facts.get("os") != "Darwin":
+        raise DeviceError(f"{spec.name}: {spec.host} runs {facts.get('os')}, not macOS; Core ML needs a Mac "
+                          "(use transport = \"ssh\" for this device)")
     artifacts = plan(data, facts, spec)
     to_push = {record["file"]: record["sha256"] for record in artifacts}
     to_push[data["golden"]["file"]] = data["golden"]["sha256"]
@@ -140,7 +145,7 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
         if have.get(remote) == sha:
             skipped.append(name)
             continue
-        device.put(export_folder / name, remote)
+        push(device, export_folder / name, remote, run_folder)
         pushed.append(name)
     log.append(f"pushed {pushed}, already there {skipped}")
     job_dir = _remote(spec, f"run-{run_folder.name}")
@@ -169,6 +174,22 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
     if not settings.keep_remote:
         device.run(f"rm -rf {q(job_dir)}")
     return {"facts": facts, **result, "pushed": pushed, "skipped": skipped}
+
+
+def push(device: SshDevice, local: Path, remote: str, scratch: Path) -> None:
+    """A file as it is; a folder (an .mlpackage) as a tar unpacked in place on the device, replacing any
+    partial copy (its digest over the unpacked files is what the next run's skip check compares)."""
+    if not local.is_dir():
+        device.put(local, remote)
+        return
+    archive = scratch / f"{local.name}.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(local, arcname=".")
+    q = shlex.quote
+    device.put(archive, remote + ".tar")
+    archive.unlink()
+    device.run(f"rm -rf {q(remote)} && mkdir -p {q(remote)} && tar -xf {q(remote + '.tar')} -C {q(remote)} "
+               f"&& rm -f {q(remote + '.tar')}")
 
 
 def _failed_checks(measured: dict[str, Any]) -> str:

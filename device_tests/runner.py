@@ -5,8 +5,9 @@
   python runner.py --hashes FILE...        sha256 of files already on the device
   python runner.py job.json                run the job, write result.json next to it, print it
 
-Tensor models: latency distribution and golden replay. Language models (.pte): time to first token,
-prefill and decode tokens/s, teacher-forced next-token agreement and greedy-generation match.
+Tensor models: latency distribution and golden replay. Language models (.pte, and the stateful
+.mlpackage on a Mac): time to first token, prefill and decode tokens/s, teacher-forced next-token
+agreement and greedy-generation match. Core ML (.mlpackage) runs only on macOS, through coremltools.
 """
 
 import hashlib
@@ -18,7 +19,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "3"
+RUNNER_VERSION = "4"
 
 
 def _import(name):
@@ -36,6 +37,8 @@ def runtimes():
         if _import(module) is not None:
             top = _import(label)
             found[label] = getattr(top, "__version__", "?")
+    if platform.system() == "Darwin" and _import("coremltools") is not None:  # Core ML predicts only on macOS
+        found["coremltools"] = getattr(_import("coremltools"), "__version__", "?")
     return found
 
 
@@ -49,10 +52,20 @@ def facts(workdir):
 
 
 def sha256(path):
+    """Of a file, or of a folder's files in sorted order with their relative paths (an .mlpackage is a
+    folder): the same digest the exporter's manifest records."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    if os.path.isdir(path):
+        files = sorted((os.path.relpath(os.path.join(root, name), path)
+                        for root, _, names in os.walk(path) for name in names), key=lambda r: r.split(os.sep))
+    else:
+        files = [None]
+    for relative in files:
+        if relative is not None:
+            digest.update(relative.encode())
+        with open(path if relative is None else os.path.join(path, relative), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -70,6 +83,51 @@ def tflite_runner(path):
         return [result[n] for n in outputs]
 
     return run
+
+
+def coreml_runner(path):
+    """A Core ML package through coremltools (macOS only), inputs matched by the package's own names."""
+    import numpy as np
+    import coremltools as ct
+
+    model = ct.models.MLModel(path)
+    spec = model.get_spec()
+    inputs = [i.name for i in spec.description.input]
+    outputs = [o.name for o in spec.description.output]
+
+    def run(values):
+        result = model.predict({n: np.asarray(v) for n, v in zip(inputs, values)})
+        return [np.asarray(result[n]) for n in outputs]
+
+    return run
+
+
+def causal_mask(start, count):
+    """The stateful decoder's mask: ``count`` new tokens at ``start`` see everything before them."""
+    import numpy as np
+
+    rows = np.arange(count)[:, None] + start
+    columns = np.arange(start + count)[None, :]
+    return np.where(columns <= rows, 0.0, -np.inf).astype(np.float32).reshape(1, 1, count, start + count)
+
+
+def coreml_lm_stepper(path):
+    """The stateful .mlpackage: one Core ML state (KV cache) per conversation, the position in the mask."""
+    import numpy as np
+    import coremltools as ct
+
+    model = ct.models.MLModel(path)
+    output = model.get_spec().description.output[0].name
+    holder = {}
+
+    def step(tokens, start):
+        if start == 0:
+            holder["state"] = model.make_state()
+        result = model.predict({"input_ids": np.array([list(tokens)], np.int32),
+                                "causal_mask": causal_mask(start, len(tokens))}, state=holder["state"])
+        return np.asarray(result[output], np.float64).reshape(-1)
+
+    return step
 
 
 def pte_method(path):
@@ -116,7 +174,7 @@ def run_language_model(artifact, job, golden):
 
     path = os.path.join(job["workdir"], artifact["file"])
     began = time.perf_counter()
-    step = pte_lm_stepper(path)
+    step = coreml_lm_stepper(path) if artifact["format"] == "mlpackage" else pte_lm_stepper(path)
     load_ms = (time.perf_counter() - began) * 1000
     text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
     agree, kls = 0, []
@@ -200,7 +258,7 @@ def run_artifact(artifact, job, golden):
 
     path = os.path.join(job["workdir"], artifact["file"])
     began = time.perf_counter()
-    run = tflite_runner(path) if artifact["format"] == "tflite" else pte_runner(path)
+    run = {"tflite": tflite_runner, "mlpackage": coreml_runner}.get(artifact["format"], pte_runner)(path)
     load_ms = (time.perf_counter() - began) * 1000
     sets = job["golden_sets"]
     first = [golden["set0.input." + n] for n in job["inputs"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -216,11 +217,16 @@ key = "{lab['root'] / 'client_key'}"
 python = "{board.python}"
 workdir = "{tmp_path / 'work' / board.name}"
 targets = ["raspberry-pi"]
-""" for board in (pi, x86)) + """
+""" for board in (pi, x86)) + f"""
 [[device]]
 name = "mac"
 transport = "mac"
-host = "mac.local"
+host = "127.0.0.1"
+port = {x86.port}
+user = "{getpass.getuser()}"
+key = "{lab['root'] / 'client_key'}"
+python = "{x86.python}"
+workdir = "{tmp_path / 'work' / 'mac'}"
 targets = ["ios"]
 """)
     common = ["--devices", str(inventory), "--known-hosts", str(lab["known_hosts"])]
@@ -255,8 +261,8 @@ targets = ["ios"]
     assert run_cli("report", str(run_folder), "--baseline", str(run_folder)).returncode == 0
     typo = run_cli("device-test", str(lab["export"]), *common, "--baseline", str(tmp_path / "nope"))
     assert typo.returncode == 2 and "not a device run folder" in typo.stderr
-    mac = run_cli("device-test", str(lab["export"]), *common, "--device", "mac")
-    assert mac.returncode == 2 and "error: mac: the mac transport is not implemented yet" in mac.stderr
+    mac = run_cli("device-test", str(lab["export"]), *common, "--device", "mac")  # a Linux box posing as a Mac
+    assert mac.returncode == 1 and "runs Linux, not macOS; Core ML needs a Mac" in mac.stderr
 
 
 def test_cli_names_failed_devices_and_how_to_rerun_them(lab: dict, tmp_path: Path) -> None:
@@ -325,3 +331,29 @@ def test_language_model_on_an_executorch_board_measures_tokens_per_second_and_ma
     assert not by_name["pi-lm"].ok and "needs executorch" in by_name["pi-lm"].reason
     assert "| lm-board | xnnpack-q4 |" in (run_folder / "report.md").read_text()
     assert "decode" in (run_folder / "report.md").read_text()
+
+
+def test_a_folder_artifact_is_pushed_as_one_archive_and_skipped_when_intact(lab: dict, tmp_path: Path) -> None:
+    """An .mlpackage is a folder: it travels as a tar, is unpacked in place, and the device's digest of
+    the unpacked folder equals the manifest's (so the next run skips it)."""
+    from device_tests.harness import push
+    from device_tests.transport import SshDevice
+    from exporter import files
+
+    package = tmp_path / "model.mlpackage"
+    for relative, data in (("Manifest.json", b"{}"), ("Data/a-b", b"1"), ("Data/a/b", b"2"), ("Data/weights.bin", b"3" * 4096)):
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        (package / relative).write_bytes(data)
+    x86 = lab["boards"]["x86"]
+    device = SshDevice(spec(x86, lab, "folders"), known_hosts=lab["known_hosts"])
+    try:
+        remote = str(lab["root"] / "work" / "folders" / "cache" / "abc.mlpackage")
+        device.run(f"mkdir -p {shlex.quote(str(Path(remote).parent))} {shlex.quote(remote)}")
+        device.run(f"touch {shlex.quote(remote)}/stale-partial-file")  # a partial copy from a killed run
+        push(device, package, remote, tmp_path)
+        hashes = json.loads(device.run(f"{x86.python} -c 'import json,sys; sys.path.insert(0, \"{Path.cwd()}\"); "
+                                       f"from device_tests.runner import sha256; print(json.dumps(sha256(\"{remote}\")))'").stdout)
+        assert hashes == files.sha256_of(package)
+        assert not Path(remote + ".tar").exists() and not (Path(remote) / "stale-partial-file").exists()
+    finally:
+        device.close()
