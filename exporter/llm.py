@@ -57,7 +57,19 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
 
 
-class ExportableDecoder(nn.Module):
+class _CachedDecoder(nn.Module):
+    """A HF decoder (``self.inner``) whose attention layers hold their KV cache as buffers."""
+
+    inner: nn.Module
+
+    def reset(self) -> None:
+        """Empty the KV cache (only the caches: RoPE's inv_freq is a buffer too)."""
+        for attention in attention_modules(self.inner):
+            attention.k_cache.zero_()
+            attention.v_cache.zero_()
+
+
+class ExportableDecoder(_CachedDecoder):
     """forward(tokens [1, seq], input_pos [1]) -> logits of the last token [1, vocab], KV cache inside.
 
     This is the calling convention of ExecuTorch's TextLLMRunner (prefill with the prompt at
@@ -70,16 +82,8 @@ class ExportableDecoder(nn.Module):
         register_attention()
         self.inner = causal_lm  # named like FlatModule's, so layer reports read the same for every model
         self.max_context = max_context
-        config = causal_lm.config
-        config._attn_implementation = ATTENTION_NAME
-        self.step = _Step()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        for attention in attention_modules(causal_lm):
-            attention.edgeship_step = self.step
-            attention.register_buffer("k_cache", torch.zeros(1, max_context, kv_heads, head_dim), persistent=False)
-            attention.register_buffer("v_cache", torch.zeros(1, max_context, kv_heads, head_dim), persistent=False)
+        # ExecuTorch's cache ops want [batch, position, kv_heads, head_dim]
+        self.step = attach_kv_caches(causal_lm, ATTENTION_NAME, max_context, heads_first=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         start = input_pos[0].item()
@@ -91,11 +95,23 @@ class ExportableDecoder(nn.Module):
         hidden = self.inner.base_model(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
         return self.inner.get_output_embeddings()(hidden[:, -1, :])
 
-    def reset(self) -> None:
-        """Empty the KV cache (only the caches: RoPE's inv_freq is a buffer too)."""
-        for attention in attention_modules(self.inner):
-            attention.k_cache.zero_()
-            attention.v_cache.zero_()
+
+def attach_kv_caches(causal_lm: nn.Module, attention_name: str, max_context: int, *, heads_first: bool) -> _Step:
+    """Route a HF decoder's attention through ``attention_name`` and give every attention layer key and
+    value cache buffers ([1, kv_heads, context, head_dim] when heads_first, else [1, context, kv_heads,
+    head_dim]) and the step object they all read."""
+    config = causal_lm.config
+    config._attn_implementation = attention_name
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = (1, kv_heads, max_context, head_dim) if heads_first else (1, max_context, kv_heads, head_dim)
+    step = _Step()
+    for attention in attention_modules(causal_lm):
+        attention.edgeship_step = step
+        attention.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        attention.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+    return step
 
 
 COREML_ATTENTION = "edgeship_coreml_state"
@@ -127,7 +143,7 @@ def causal_mask(start: int, count: int) -> torch.Tensor:
     return torch.where(columns <= rows, 0.0, float("-inf")).reshape(1, 1, count, start + count)
 
 
-class StatefulDecoder(nn.Module):
+class StatefulDecoder(_CachedDecoder):
     """forward(input_ids [1, seq], causal_mask [1, 1, seq, end]) -> logits of the last token [1, vocab],
     with the KV cache as buffers that Core ML (iOS 18+) keeps as model state between predictions.
 
@@ -143,16 +159,7 @@ class StatefulDecoder(nn.Module):
         AttentionMaskInterface.register(COREML_ATTENTION, lambda *args, **kwargs: None)
         self.inner = causal_lm
         self.max_context = max_context
-        config = causal_lm.config
-        config._attn_implementation = COREML_ATTENTION
-        self.step = _Step()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        for attention in attention_modules(causal_lm):
-            attention.edgeship_step = self.step
-            attention.register_buffer("k_cache", torch.zeros(1, kv_heads, max_context, head_dim), persistent=False)
-            attention.register_buffer("v_cache", torch.zeros(1, kv_heads, max_context, head_dim), persistent=False)
+        self.step = attach_kv_caches(causal_lm, COREML_ATTENTION, max_context, heads_first=True)
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         end, count = causal_mask.shape[-1], input_ids.shape[1]
@@ -160,11 +167,6 @@ class StatefulDecoder(nn.Module):
         positions = torch.arange(end - count, end, dtype=torch.long).unsqueeze(0)
         hidden = self.inner.base_model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
         return self.inner.get_output_embeddings()(hidden[:, -1, :])
-
-    def reset(self) -> None:
-        for attention in attention_modules(self.inner):
-            attention.k_cache.zero_()
-            attention.v_cache.zero_()
 
 
 def export_stateful(decoder: StatefulDecoder, bos: int) -> torch.export.ExportedProgram:
