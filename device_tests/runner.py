@@ -85,6 +85,54 @@ def tflite_runner(path):
     return run
 
 
+def tflite_lm_stepper(path):
+    """A litert-torch LLM .tflite: the decode signature (and prefill for prompts) with the KV cache
+    carried between calls as explicit inputs/outputs. The exporter's host parity uses this same code."""
+    import numpy as np
+
+    module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
+    interpreter = module.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    signatures = interpreter.get_signature_list()
+    decode = interpreter.get_signature_runner("decode")
+    prefill_name = next((n for n in signatures if n.startswith("prefill")), None)
+    prefill = interpreter.get_signature_runner(prefill_name) if prefill_name else None
+    details = decode.get_input_details()
+    cache_names = sorted(k for k in details if k.startswith("kv_cache"))
+    cache = {k: np.zeros(details[k]["shape"], np.float32) for k in cache_names}
+    cache_len = int(details["mask"]["shape"][-1])
+
+    def mask(positions):
+        allowed = np.arange(cache_len)[None, :] <= positions[:, None]
+        return np.where(allowed, 0.0, -1e30).astype(np.float32)[None, None]
+
+    def run_decode(token, position):
+        out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([position], np.int32),
+                     mask=mask(np.array([position])), **cache)
+        cache.update({k: out[k] for k in cache_names})
+        return out["logits"].reshape(-1)
+
+    def run_prefill(tokens, start):
+        width = int(prefill.get_input_details()["tokens"]["shape"][1])
+        for offset in range(0, len(tokens), width):
+            chunk = tokens[offset:offset + width]
+            positions = np.arange(start + offset, start + offset + width)
+            padded = np.array([chunk + [0] * (width - len(chunk))], np.int32)
+            out = prefill(tokens=padded, input_pos=positions.astype(np.int32), mask=mask(positions), **cache)
+            cache.update({k: out[k] for k in cache_names})
+
+    def step(tokens, start_pos):
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > 1 and prefill is not None:
+            run_prefill(tokens[:-1], start_pos)
+        elif len(tokens) > 1:
+            for i, token in enumerate(tokens[:-1]):
+                run_decode(token, start_pos + i)
+        return run_decode(tokens[-1], start_pos + len(tokens) - 1)
+
+    return step
+
+
 def coreml_runner(path):
     """A Core ML package through coremltools (macOS only), inputs matched by the package's own names."""
     import numpy as np
@@ -174,12 +222,15 @@ def run_language_model(artifact, job, golden):
 
     path = os.path.join(job["workdir"], artifact["file"])
     began = time.perf_counter()
-    step = coreml_lm_stepper(path) if artifact["format"] == "mlpackage" else pte_lm_stepper(path)
+    step = {"mlpackage": coreml_lm_stepper, "tflite": tflite_lm_stepper}.get(artifact["format"], pte_lm_stepper)(path)
     load_ms = (time.perf_counter() - began) * 1000
     text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
     agree, kls = 0, []
     for position, token in enumerate(text[:-1]):
         logits = step([int(token)], position)
+        if position == 0 and not np.any(logits):
+            raise RuntimeError("the runtime returned all-zero logits: it cannot run this program correctly "
+                               "(tflite-runtime 2.14 does this with litert-torch LLM exports; install ai-edge-litert)")
         agree += int(np.argmax(logits) == top_ids[position, 0])
         logp = logits - logits.max()
         logp = logp - np.log(np.exp(logp).sum())

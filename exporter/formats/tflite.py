@@ -297,43 +297,8 @@ def _decoder_layer_report(model: LoadedModel, spec: ArtifactSpec, float_path: Pa
 
 
 def lm_stepper(path: Path, backend: str = "litert") -> Any:
-    """Drive the decode signature (and prefill for prompts), carrying the KV cache between calls."""
-    interpreter = _interpreter(path=path)
-    signatures = interpreter.get_signature_list()
-    decode = interpreter.get_signature_runner("decode")
-    prefill_name = next((n for n in signatures if n.startswith("prefill")), None)
-    prefill = interpreter.get_signature_runner(prefill_name) if prefill_name else None
-    details = decode.get_input_details()
-    cache_names = sorted(k for k in details if k.startswith("kv_cache"))
-    cache = {k: np.zeros(details[k]["shape"], np.float32) for k in cache_names}
-    cache_len = int(details["mask"]["shape"][-1])
+    """Drive the decode signature (and prefill for prompts), carrying the KV cache between calls: the
+    device runner's own stepper, so host and device measure a .tflite the same way."""
+    from device_tests.runner import tflite_lm_stepper
 
-    def mask(positions: np.ndarray) -> np.ndarray:
-        allowed = np.arange(cache_len)[None, :] <= positions[:, None]
-        return np.where(allowed, 0.0, -1e30).astype(np.float32)[None, None]
-
-    def run_decode(token: int, position: int) -> np.ndarray:
-        out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([position], np.int32),
-                     mask=mask(np.array([position])), **cache)
-        cache.update({k: out[k] for k in cache_names})
-        return out["logits"].reshape(-1)
-
-    def run_prefill(tokens: list[int], start: int) -> None:
-        assert prefill is not None
-        width = int(prefill.get_input_details()["tokens"]["shape"][1])
-        for offset in range(0, len(tokens), width):
-            chunk = tokens[offset:offset + width]
-            positions = np.arange(start + offset, start + offset + width)
-            padded = np.array([chunk + [0] * (width - len(chunk))], np.int32)
-            out = prefill(tokens=padded, input_pos=positions.astype(np.int32), mask=mask(positions), **cache)
-            cache.update({k: out[k] for k in cache_names})
-
-    def step(tokens: list[int], start_pos: int) -> np.ndarray:
-        if len(tokens) > 1 and prefill is not None:
-            run_prefill(tokens[:-1], start_pos)
-        elif len(tokens) > 1:
-            for i, token in enumerate(tokens[:-1]):
-                run_decode(token, start_pos + i)
-        return run_decode(tokens[-1], start_pos + len(tokens) - 1)
-
-    return step
+    return tflite_lm_stepper(path)
