@@ -226,6 +226,8 @@ def test_language_model_exports_to_a_stateful_mlpackage_for_ios(tiny_lms: dict[s
     # the ExecuTorch .pte with the Core ML delegate: the same stateful decoder, one delegate call
     assert delegate.status == "pending-mac", (delegate.record.get("failures"), delegate.record.get("error"))
     assert delegate.record["details"]["delegate_calls"] == 1 and delegate.record["details"]["non_delegated_ops"] == {}
+    validated = run_cli("validate", str(summary.folder))  # on Linux: both stay pending a Mac, checks pass
+    assert validated.returncode == 0 and validated.stdout.count("pending-mac") == 2, validated.stderr
     too_old = load_target_file(write_target(tmp_path, "ios17-lm", """
 [[artifact]]
 format = "mlpackage"
@@ -236,3 +238,18 @@ min_token_agreement = 0.9
 """))
     refused = export(too_old, load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)), tmp_path / "dist17")
     assert refused.results[0].status == "error" and "needs deployment_target = \"iOS18\"" in refused.results[0].record["error"]
+
+
+def test_validate_replays_a_language_model_folder_from_its_golden_file(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    """`edgeship validate` re-checks an LM export without the model (as on a Mac): golden top-32 and greedy."""
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
+    done = run_cli("validate", str(summary.folder))
+    assert done.returncode == 0, done.stderr
+    records = {r["name"]: r for r in json.loads((summary.folder / "manifest.json").read_text())["artifacts"]}
+    for name in ("xnnpack-fp32", "litert-fp32"):
+        metrics = records[name]["parity"]["metrics"]
+        assert metrics["token_agreement"] == 1.0 and metrics["greedy_match"] == 1.0, (name, metrics)
+        assert metrics["kl_top32"] < 1e-3 and "mean_kl" not in metrics  # a lower bound is never judged as KL
+    (summary.folder / "xnnpack-fp32.pte").write_bytes(b"broken")
+    assert run_cli("validate", str(summary.folder)).returncode == 1
