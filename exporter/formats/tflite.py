@@ -11,8 +11,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -254,10 +257,21 @@ def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
     return _hf_folders[key]
 
 
+# litert-torch's HF exporter runs in a child process: it patches modelling code and registers ops globally
+# (an int8 export left later ExecuTorch lowerings of Qwen/Phi models failing in the same process), and
+# its peak memory is returned to the system when it exits.
+_EXPORT_HF = """
+import contextlib, io, json, sys
+from litert_torch.generative.export_hf import export as export_hf
+args = json.loads(sys.argv[1])
+with contextlib.redirect_stdout(io.StringIO()):
+    export_hf.export(args["folder"], args["work"], prefill_lengths=[args["prefill"]], cache_length=args["cache"],
+                     quantization_recipe=args["recipe"], bundle_litert_lm=True, keep_temporary_files=True)
+"""
+
+
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
     """Prefill/decode signatures with an external KV cache, and the .litertlm bundle LiteRT-LM apps load."""
-    from litert_torch.generative.export_hf import export as export_hf
-
     if model.language.architecture not in LITERT_LM_ARCHITECTURES:
         raise ConversionError(spec.filename, f"litert-torch's LLM exporter does not support {model.language.architecture} "
                                              f"(it handles {', '.join(sorted(LITERT_LM_ARCHITECTURES))}); "
@@ -265,16 +279,15 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     recipe = _recipe(spec)
     language = model.language
     work = Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            export_hf.export(
-                str(_hf_folder(model, spec.smoothing)), str(work),
-                prefill_lengths=[min(PREFILL_LENGTH, language.max_context - 1)], cache_length=language.max_context,
-                quantization_recipe=recipe, bundle_litert_lm=True, keep_temporary_files=True,
-            )
-    except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(spec.filename, f"litert-torch could not export the language model: {text}") from exc
+    args = {"folder": str(_hf_folder(model, spec.smoothing)), "work": str(work), "recipe": recipe,
+            "prefill": min(PREFILL_LENGTH, language.max_context - 1), "cache": language.max_context}
+    done = subprocess.run([sys.executable, "-c", _EXPORT_HF, json.dumps(args)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        text = (lines[-1] if lines else f"exit code {done.returncode}")[:300]
+        shutil.rmtree(work, ignore_errors=True)
+        raise ConversionError(spec.filename, f"litert-torch could not export the language model: {text}")
     produced = work / ("model_quantized.tflite" if recipe else "model.tflite")
     produced.replace(destination)
     bundle = destination.with_suffix(".litertlm")
