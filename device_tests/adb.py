@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -50,8 +49,11 @@ class LocalHost:
     def stage(self, local: Path, staging: str) -> str:
         return str(local)  # adb reads the file where it is
 
+    def landing(self, local: Path, staging: str) -> str:
+        return str(local)  # adb writes the file where it belongs
+
     def fetch(self, host_path: str, local: Path) -> None:
-        shutil.copyfile(host_path, local)
+        pass  # already there
 
     def close(self) -> None:
         pass
@@ -72,6 +74,10 @@ class SshHost:
         remote = f"{staging.rstrip('/')}/{local.name}"
         self.device.put(local, remote)
         return remote
+
+    def landing(self, local: Path, staging: str) -> str:
+        self.device.run(f"mkdir -p {shlex.quote(staging)}")
+        return f"{staging.rstrip('/')}/{local.name}"
 
     def fetch(self, host_path: str, local: Path) -> None:
         self.device.get(host_path, local)
@@ -123,13 +129,9 @@ class AdbPhone:
                               "is the phone's storage full?") from exc
 
     def pull(self, remote: str, local: Path) -> None:
-        staged = f"{self.spec.host_workdir}/staging/{PurePosixPath(remote).name}"
-        if isinstance(self.host, LocalHost):
-            staged = str(local)
-        self.host.run(f"mkdir -p {shlex.quote(str(PurePosixPath(staged).parent))}", timeout=60)
-        self.host.run(self.adb("pull", remote, staged), timeout=self.spec.timeout)
-        if staged != str(local):
-            self.host.fetch(staged, local)
+        landing = self.host.landing(local, f"{self.spec.host_workdir}/staging")
+        self.host.run(self.adb("pull", remote, landing), timeout=self.spec.timeout)
+        self.host.fetch(landing, local)
 
     def facts(self) -> dict[str, Any]:
         """Reachable, ABI, Android release, free bytes in the work folder, the runner present."""
@@ -319,32 +321,26 @@ def measure_artifact(phone: AdbPhone, record: dict[str, Any], model_path: str, j
         measured.update({"load_ms": times.init_ms, "first_inference_ms": times.first_ms,
                          "iterations": int(times.runs.get("count", 0)), "latency_ms": latency_from_summary(times.runs),
                          "peak_rss_mb": times.peak_mb, "samples_ms": []})
-    worst_abs, worst_cos, agree, total, outputs = 0.0, 1.0, 0, 0, {}
-    for index, remote_inputs in enumerate(per_set_inputs):
+    def run_set(index: int, _inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """One golden set on the phone (its inputs are already there as raw files), outputs pulled back."""
         expected = [golden[f"set{index}.output.{n}"] for n in job["outputs"]]
         out_base = f"{workdir}/{job['run_id']}/{record['name']}.set{index}.out"
         if record["format"] == "pte":
-            phone.shell(executor_runner_command(runner, model_path, remote_inputs, out_base, 1))
+            phone.shell(executor_runner_command(runner, model_path, per_set_inputs[index], out_base, 1))
             actual = []
             for i, (want, spec) in enumerate(zip(expected, signature["outputs"])):
                 local = local_dir / f"{record['name']}.set{index}.out-{i}.bin"
                 phone.pull(f"{out_base}-{i}.bin", local)
                 actual.append(np.fromfile(local, np.dtype(spec["dtype"])).reshape(want.shape))
-        else:
-            inputs = {s["name"]: (f, shape) for s, f, shape in zip(signature["inputs"], remote_inputs, shapes)}
-            phone.shell(benchmark_model_command(runner, model_path, inputs, out_base, 1, 0))
-            local = local_dir / f"{record['name']}.set{index}.out.bin"
-            phone.pull(out_base, local)
-            actual = _split_outputs(local.read_bytes(), signature, expected)
-        mask_name = job.get("padding_mask")
-        mask = golden.get(f"set{index}.input.{mask_name}") if mask_name else None
-        max_abs, cos, (a, t) = device_runner.compare(expected, actual, job["outputs"], set(job["logits_outputs"]), mask)
-        worst_abs, worst_cos, agree, total = max(worst_abs, max_abs), min(worst_cos, cos), agree + a, total + t
-        outputs.update({f"set{index}.{n}": v for n, v in zip(job["outputs"], actual)})
+            return actual
+        inputs = {s["name"]: (f, shape) for s, f, shape in zip(signature["inputs"], per_set_inputs[index], shapes)}
+        phone.shell(benchmark_model_command(runner, model_path, inputs, out_base, 1, 0))
+        local = local_dir / f"{record['name']}.set{index}.out.bin"
+        phone.pull(out_base, local)
+        return _split_outputs(local.read_bytes(), signature, expected)
+
+    metrics, outputs = device_runner.replay_golden(job, golden, run_set)
     np.savez(local_dir / f"{record['name']}.outputs.npz", **outputs)
-    metrics = {"max_abs_error": worst_abs, "cosine": worst_cos}
-    if total:
-        metrics["top1"] = agree / total
     measured.update({"metrics": metrics, "outputs_file": f"{record['name']}.outputs.npz"})
     return measured
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 from exporter.errors import DeviceError
 
-from .harness import Settings, run_devices
+from .harness import Settings, board_facts, run_devices
 from .inventory import load_inventory
 from .report import Comparison, write_reports
 from .transport import SshDevice
@@ -81,7 +80,6 @@ def _regression_exit(comparison: Comparison | None) -> int:
 
 
 def devices_check_command(args: argparse.Namespace) -> int:
-    from . import runner as runner_module
 
     failed = 0
     for spec in _select(args):
@@ -91,12 +89,7 @@ def devices_check_command(args: argparse.Namespace) -> int:
             failed += _check_phone(spec, device)
             continue
         try:
-            device.run(f"mkdir -p {shlex.quote(spec.workdir)}")
-            device.put(Path(runner_module.__file__), f"{spec.workdir.rstrip('/')}/runner.py")
-            facts = json.loads(device.run(f"{shlex.quote(spec.python)} {shlex.quote(spec.workdir.rstrip('/') + '/runner.py')} "
-                                          f"--facts {shlex.quote(spec.workdir)}").stdout)
-            if spec.transport == "mac" and facts["os"] != "Darwin":
-                raise DeviceError(f"{spec.name}: {spec.host} runs {facts['os']}, not macOS; Core ML needs a Mac")
+            facts = board_facts(device, spec)
             runtimes = ", ".join(f"{k} {v}" for k, v in facts["runtimes"].items()) or "none"
             print(f"{spec.name}: reachable, {facts['arch']} {facts['os']} {facts['release']}, Python {facts['python']}, "
                   f"NumPy {facts['numpy']}, {facts['free_bytes'] / 1e9:.1f} GB free, runtimes: {runtimes}")

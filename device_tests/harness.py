@@ -118,13 +118,8 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
     """A board with Python: push runner.py and the artifacts, run the job there, pull its result."""
     q = shlex.quote
     python = q(spec.python)
-    device.run(f"mkdir -p {q(_remote(spec, 'cache'))}")
-    device.put(Path(runner_module.__file__), _remote(spec, "runner.py"))
-    facts = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
+    facts = board_facts(device, spec)
     log.append(f"facts: {json.dumps(facts)}")
-    if spec.transport == "mac" and facts.get("os") != "Darwin":
-        raise DeviceError(f"{spec.name}: {spec.host} runs {facts.get('os')}, not macOS; Core ML needs a Mac "
-                          "(use transport = \"ssh\" for this device)")
     artifacts = plan(data, facts, spec)
     to_push = {record["file"]: record["sha256"] for record in artifacts}
     to_push[data["golden"]["file"]] = data["golden"]["sha256"]
@@ -170,6 +165,18 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
     if not settings.keep_remote:
         device.run(f"rm -rf {q(job_dir)}")
     return {"facts": facts, **result, "pushed": pushed, "skipped": skipped}
+
+
+def board_facts(device: SshDevice, spec: DeviceSpec) -> dict[str, Any]:
+    """Push runner.py into the work folder and read the device's facts; a "mac" must run macOS."""
+    q = shlex.quote
+    device.run(f"mkdir -p {q(_remote(spec, 'cache'))}")
+    device.put(Path(runner_module.__file__), _remote(spec, "runner.py"))
+    facts = json.loads(device.run(f"{q(spec.python)} {q(_remote(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
+    if spec.transport == "mac" and facts.get("os") != "Darwin":
+        raise DeviceError(f"{spec.name}: {spec.host} runs {facts.get('os')}, not macOS; Core ML needs a Mac "
+                          "(use transport = \"ssh\" for this device)")
+    return facts
 
 
 def push(device: SshDevice, local: Path, remote: str, scratch: Path) -> None:

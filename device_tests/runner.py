@@ -224,18 +224,7 @@ def run_language_model(artifact, job, golden):
     began = time.perf_counter()
     step = {"mlpackage": coreml_lm_stepper, "tflite": tflite_lm_stepper}.get(artifact["format"], pte_lm_stepper)(path)
     load_ms = (time.perf_counter() - began) * 1000
-    text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
-    agree, kls = 0, []
-    for position, token in enumerate(text[:-1]):
-        logits = step([int(token)], position)
-        if position == 0 and not np.any(logits):
-            raise RuntimeError("the runtime returned all-zero logits: it cannot run this program correctly "
-                               "(tflite-runtime 2.14 does this with litert-torch LLM exports; install ai-edge-litert)")
-        agree += int(np.argmax(logits) == top_ids[position, 0])
-        logp = logits - logits.max()
-        logp = logp - np.log(np.exp(logp).sum())
-        want = top_logprobs[position].astype(np.float64)
-        kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
+    agreement, kl_top32 = teacher_forced(step, golden)
     ttft, prefill_tokens, prefill_s, decode_steps, matches, generations = [], 0, 0.0, [], [], []
     index = 0
     while "prompt%d" % index in golden:
@@ -266,7 +255,7 @@ def run_language_model(artifact, job, golden):
         "decode_tokens_per_s": 1000 * len(samples) / sum(samples) if samples else None,
         "latency_ms": latency_stats(samples or [0.0]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "metrics": {"token_agreement": agree / max(len(text) - 1, 1), "kl_top32": sum(kls) / max(len(kls), 1),
+        "metrics": {"token_agreement": agreement, "kl_top32": kl_top32,
                     "greedy_match": sum(matches) / max(len(matches), 1)},
         "outputs_file": artifact["name"] + ".outputs.npz", "samples_ms": samples,
     }
@@ -311,7 +300,6 @@ def run_artifact(artifact, job, golden):
     began = time.perf_counter()
     run = {"tflite": tflite_runner, "mlpackage": coreml_runner}.get(artifact["format"], pte_runner)(path)
     load_ms = (time.perf_counter() - began) * 1000
-    sets = job["golden_sets"]
     first = [golden["set0.input." + n] for n in job["inputs"]]
     began = time.perf_counter()
     run(first)
@@ -324,25 +312,54 @@ def run_artifact(artifact, job, golden):
         began = time.perf_counter()
         run(first)
         timings.append((time.perf_counter() - began) * 1000)
-    worst_abs, worst_cos, agree, total, outputs = 0.0, 1.0, 0, 0, {}
-    for index in range(sets):
-        inputs = [golden["set%d.input.%s" % (index, n)] for n in job["inputs"]]
-        expected = [golden["set%d.output.%s" % (index, n)] for n in job["outputs"]]
-        actual = run(inputs)
-        mask = golden.get("set%d.input.%s" % (index, job["padding_mask"])) if job.get("padding_mask") else None
-        max_abs, cos, (a, t) = compare(expected, actual, job["outputs"], set(job["logits_outputs"]), mask)
-        worst_abs, worst_cos, agree, total = max(worst_abs, max_abs), min(worst_cos, cos), agree + a, total + t
-        outputs.update({"set%d.%s" % (index, n): np.asarray(v) for n, v in zip(job["outputs"], actual)})
+    metrics, outputs = replay_golden(job, golden, lambda index, inputs: run(inputs))
     np.savez(os.path.join(job["workdir"], artifact["name"] + ".outputs.npz"), **outputs)
-    metrics = {"max_abs_error": worst_abs, "cosine": worst_cos}
-    if total:
-        metrics["top1"] = agree / total
     return {
         "load_ms": load_ms, "first_inference_ms": first_ms, "iterations": len(timings),
         "latency_ms": latency_stats(timings),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "metrics": metrics,
         "outputs_file": artifact["name"] + ".outputs.npz", "samples_ms": timings,  # in the order measured
     }
+
+
+def replay_golden(job, golden, run_set):
+    """Every golden set through ``run_set(index, inputs) -> outputs``, compared with the reference outputs:
+    the worst error and cosine over the sets, top-1 over logits outputs, and the outputs by set."""
+    import numpy as np
+
+    worst_abs, worst_cos, agree, total, outputs = 0.0, 1.0, 0, 0, {}
+    for index in range(job["golden_sets"]):
+        inputs = [golden["set%d.input.%s" % (index, n)] for n in job["inputs"]]
+        expected = [golden["set%d.output.%s" % (index, n)] for n in job["outputs"]]
+        actual = run_set(index, inputs)
+        mask = golden.get("set%d.input.%s" % (index, job["padding_mask"])) if job.get("padding_mask") else None
+        max_abs, cos, (a, t) = compare(expected, actual, job["outputs"], set(job["logits_outputs"]), mask)
+        worst_abs, worst_cos, agree, total = max(worst_abs, max_abs), min(worst_cos, cos), agree + a, total + t
+        outputs.update({"set%d.%s" % (index, n): np.asarray(v) for n, v in zip(job["outputs"], actual)})
+    metrics = {"max_abs_error": worst_abs, "cosine": worst_cos}
+    if total:
+        metrics["top1"] = agree / total
+    return metrics, outputs
+
+
+def teacher_forced(step, golden):
+    """Next-token agreement with the reference over the golden text, and KL over the reference's top-32
+    tokens (a lower bound of the full KL). Stops early, naming it, if the runtime returns all-zero logits."""
+    import numpy as np
+
+    text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
+    agree, kls = 0, []
+    for position, token in enumerate(text[:-1]):
+        logits = np.asarray(step([int(token)], position), np.float64)
+        if position == 0 and not np.any(logits):
+            raise RuntimeError("the runtime returned all-zero logits: it cannot run this program correctly "
+                               "(tflite-runtime 2.14 does this with litert-torch LLM exports; install ai-edge-litert)")
+        agree += int(np.argmax(logits) == top_ids[position, 0])
+        logp = logits - logits.max()
+        logp = logp - np.log(np.exp(logp).sum())
+        want = top_logprobs[position].astype(np.float64)
+        kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
+    return agree / max(len(text) - 1, 1), (sum(kls) / len(kls) if kls else 0.0)
 
 
 def judge(metrics, thresholds):

@@ -46,9 +46,7 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
         step = format_module(record["format"]).lm_stepper(folder / record["file"], record["backend"])
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     load_s = time.perf_counter() - began
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = prompt_ids(tokenizer)
     start = time.perf_counter()
     logits = step(ids, 0)
     first = time.perf_counter()
@@ -102,19 +100,17 @@ def litertlm_python() -> Path | None:
     return path if path.is_file() else None
 
 
-def _prompt_tokens(folder: Path) -> int:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+def prompt_ids(tokenizer: Any) -> list[int]:
+    """The benchmark prompt as every engine sees it: the chat template applied, ready to answer."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _run_engine(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
-    if engine == "litertlm":
+def _run_engine(engine: str, folder: Path, artifact: str | None, prompt_tokens: int) -> dict[str, Any]:
+    if engine == "litertlm":  # LiteRT-LM's benchmark mode takes the prompt's length, not its tokens
         python = litertlm_python()
         assert python is not None and artifact is not None
-        command = [str(python), "-c", _LITERTLM_WORKER, str(folder / artifact), str(_prompt_tokens(folder)),
+        command = [str(python), "-c", _LITERTLM_WORKER, str(folder / artifact), str(prompt_tokens),
                    str(DECODE_TOKENS), str(os.cpu_count() or 1)]
     else:
         command = [sys.executable, "-m", "exporter.bench", engine, str(folder), artifact or "-"]
@@ -135,10 +131,13 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
     if litertlm_python() is not None:  # the bundle as LiteRT-LM runs it in an app
         engines += [("litertlm", c["file"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
                     for c in a.get("companions", []) if c["file"].endswith(".litertlm")]
+    from transformers import AutoTokenizer
+
+    prompt_tokens = len(prompt_ids(AutoTokenizer.from_pretrained(str(folder))))
     samples: dict[str, list[dict[str, Any]]] = {name or kind: [] for kind, name in engines}
     for _ in range(runs):  # round-robin: every engine sees the same machine conditions
         for kind, name in engines:
-            samples[name or kind].append(_run_engine(kind, folder, name))
+            samples[name or kind].append(_run_engine(kind, folder, name, prompt_tokens))
     rows = []
     for kind, name in engines:
         key = name or kind

@@ -121,15 +121,9 @@ def replay(step: LMStepper, golden: dict[str, np.ndarray]) -> dict[str, Any]:
     an export folder is re-checked where the model itself is not at hand (``edgeship validate`` on a
     Mac). KL is over the reference's top 32 tokens only, a lower bound of the full KL, so it is
     reported as ``kl_top32`` and never judged as ``mean_kl``."""
-    text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
-    agree, kls = 0, []
-    for position, token in enumerate(text[:-1]):
-        logits = np.asarray(step([int(token)], position), np.float64)
-        agree += int(np.argmax(logits) == top_ids[position, 0])
-        logp = logits - logits.max()
-        logp -= np.log(np.exp(logp).sum())
-        want = top_logprobs[position].astype(np.float64)
-        kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
+    from device_tests.runner import teacher_forced  # the device runner's own replay: one definition
+
+    agreement, kl_top32 = teacher_forced(step, golden)
     matches, index = [], 0
     while f"prompt{index}" in golden:
         expected = [int(t) for t in golden[f"greedy{index}"]]
@@ -137,5 +131,5 @@ def replay(step: LMStepper, golden: dict[str, np.ndarray]) -> dict[str, Any]:
         same = next((i for i, (a, b) in enumerate(zip(expected, produced)) if a != b), len(expected))
         matches.append(same / max(len(expected), 1))
         index += 1
-    return {"token_agreement": agree / max(len(text) - 1, 1), "kl_top32": float(np.mean(kls)) if kls else 0.0,
+    return {"token_agreement": agreement, "kl_top32": kl_top32,
             "greedy_match": float(np.mean(matches)) if matches else 0.0}

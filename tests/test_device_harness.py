@@ -206,29 +206,24 @@ def test_cli_device_test_devices_check_and_report(lab: dict, tmp_path: Path) -> 
 
     pi, x86 = lab["boards"]["pi"], lab["boards"]["x86"]
     inventory = tmp_path / "devices.toml"
-    inventory.write_text("".join(f"""
+
+    def table(name: str, board: Board, transport: str, target: str) -> str:
+        return f"""
 [[device]]
-name = "{board.name}"
-transport = "ssh"
+name = "{name}"
+transport = "{transport}"
 host = "127.0.0.1"
 port = {board.port}
 user = "{getpass.getuser()}"
 key = "{lab['root'] / 'client_key'}"
 python = "{board.python}"
-workdir = "{tmp_path / 'work' / board.name}"
-targets = ["raspberry-pi"]
-""" for board in (pi, x86)) + f"""
-[[device]]
-name = "mac"
-transport = "mac"
-host = "127.0.0.1"
-port = {x86.port}
-user = "{getpass.getuser()}"
-key = "{lab['root'] / 'client_key'}"
-python = "{x86.python}"
-workdir = "{tmp_path / 'work' / 'mac'}"
-targets = ["ios"]
-""")
+workdir = "{tmp_path / 'work' / name}"
+targets = ["{target}"]
+"""
+
+    # the Pi and x86 boards, and the x86 board again posing as a Mac
+    inventory.write_text(table("pi", pi, "ssh", "raspberry-pi") + table("x86", x86, "ssh", "raspberry-pi")
+                         + table("mac", x86, "mac", "ios"))
     common = ["--devices", str(inventory), "--known-hosts", str(lab["known_hosts"])]
     check = run_cli("devices", "check", *common, "--device", "pi,x86")
     assert check.returncode == 0, check.stderr

@@ -16,7 +16,7 @@ import torch
 from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
-from ..targets import ArtifactSpec
+from ..targets import DEPLOYMENT_TARGETS, ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
 
 _WEIGHT_OPS = ("linear", "matmul", "conv")
@@ -83,7 +83,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
 
     from .. import llm
 
-    if DEPLOYMENT_ORDER.index(spec.deployment_target or "iOS17") < DEPLOYMENT_ORDER.index("iOS18"):
+    if DEPLOYMENT_TARGETS.index(spec.deployment_target or "iOS17") < DEPLOYMENT_TARGETS.index("iOS18"):
         raise ConversionError(spec.filename, f"a language model keeps its KV cache as Core ML state, which needs "
                                              f"deployment_target = \"iOS18\" or later (the target says "
                                              f"{spec.deployment_target or 'iOS17'})")
@@ -101,9 +101,6 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     return Built(layers=layers, details={"deployment_target": spec.deployment_target,
                                          "compute_precision": spec.compute_precision, "max_context": context - 1,
                                          "inputs": ["input_ids", "causal_mask"], "kv_cache_states": states})
-
-
-DEPLOYMENT_ORDER = ("iOS16", "iOS17", "iOS18", "macOS15")
 
 
 def _save(mlmodel: Any, spec: ArtifactSpec, destination: Path) -> None:
@@ -160,27 +157,13 @@ def load(path: Path, backend: str = "mlprogram") -> Runner | None:
 
 
 def lm_stepper(path: Path, backend: str = "mlprogram") -> Any:
-    """Feed tokens at a position, get the last token's logits: the stateful model on macOS, else None."""
+    """Feed tokens at a position, get the last token's logits: the stateful model on macOS (the device
+    runner's own stepper, one Core ML state per conversation), else None."""
     if platform.system() != "Darwin":
         return None  # Core ML prediction exists only on macOS; parity stays pending a Mac
-    import coremltools as ct
-    import numpy as np
+    from device_tests.runner import coreml_lm_stepper
 
-    from .. import llm
-
-    mlmodel = ct.models.MLModel(str(path))
-    output = mlmodel.get_spec().description.output[0].name
-    holder: dict[str, Any] = {}
-
-    def step(tokens: list[int], start_pos: int) -> np.ndarray:
-        if start_pos == 0:
-            holder["state"] = mlmodel.make_state()  # a new conversation: an empty KV cache
-        inputs = {"input_ids": np.array([tokens], np.int32),
-                  "causal_mask": llm.causal_mask(start_pos, len(tokens)).numpy().astype(np.float32)}
-        result = mlmodel.predict(inputs, state=holder["state"])
-        return np.asarray(result[output], np.float32).reshape(-1)
-
-    return step
+    return coreml_lm_stepper(str(path))
 
 
 _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}

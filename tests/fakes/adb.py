@@ -49,11 +49,13 @@ def main(argv):
     if command == "shell":
         bin_dir = HERE / f"bin-{serial}"
         bin_dir.mkdir(exist_ok=True)
-        getprop = bin_dir / "getprop"
+        # Several devices may share a serial and run at once: write getprop aside, then swap it in atomically.
+        partial = bin_dir / f".getprop.{os.getpid()}"
         props = phone["props"]
-        getprop.write_text("#!/bin/sh\ncase \"$1\" in\n" + "".join(f"  {k}) echo {v!r};;\n" for k, v in props.items())
+        partial.write_text("#!/bin/sh\ncase \"$1\" in\n" + "".join(f"  {k}) echo {v!r};;\n" for k, v in props.items())
                            + "esac\n")
-        getprop.chmod(0o755)
+        partial.chmod(0o755)
+        os.replace(partial, bin_dir / "getprop")
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         return subprocess.run(["sh", "-c", " ".join(args)], env=env, check=False).returncode
     print(f"adb: unknown command {command}", file=sys.stderr)
