@@ -201,13 +201,23 @@ def pte_runner(path):
 
 def pte_lm_stepper(path):
     """Feed tokens at a position of the program's KV cache, get the last token's logits."""
+    return method_lm_stepper(pte_method(path))
+
+
+def method_lm_stepper(method):
+    """Step a loaded ExecuTorch LLM method. Two calling conventions: (tokens, input_pos), as ExecuTorch's
+    TextLLMRunner calls it, or, for the stateful decoder the Core ML delegate runs, (input_ids,
+    causal_mask [1, 1, seq, end]) with the position in the mask's shape (a 4-D second input)."""
     import numpy as np
     import torch
 
-    method = pte_method(path)
+    stateful = len(method.metadata.input_tensor_meta(1).sizes()) == 4
 
     def step(tokens, start):
-        out = method.execute([torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start], dtype=torch.long)])
+        ids = torch.tensor([[int(t) for t in tokens]], dtype=torch.long)
+        second = (torch.from_numpy(causal_mask(start, len(tokens))) if stateful
+                  else torch.tensor([start], dtype=torch.long))
+        out = method.execute([ids, second])
         logits = np.asarray(out[0], np.float64)
         return logits.reshape(-1, logits.shape[-1])[-1]
 

@@ -208,6 +208,32 @@ def test_stateful_core_ml_decoder_steps_its_cache_like_the_eager_model(tiny_lms:
     torch.testing.assert_close(torch.stack(got), eager[4:], atol=1e-4, rtol=1e-4)
 
 
+
+def test_a_stateful_program_is_stepped_through_its_causal_mask(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    """The Core ML delegate .pte's calling convention, run here as a plain ExecuTorch program (the delegate
+    itself needs Apple hardware): the shared stepper gives the eager model's logits."""
+    import copy
+
+    import numpy as np
+    import torch
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from device_tests.runner import method_lm_stepper
+    from exporter import llm
+
+    language = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=64)).language
+    decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), 64).eval()
+    path = tmp_path / "stateful.pte"
+    path.write_bytes(to_edge_transform_and_lower(llm.export_stateful(decoder, 1)).to_executorch().buffer)
+    step = method_lm_stepper(Runtime.get().load_program(str(path)).load_method("forward"))
+    ids = [5, 17, 99, 3, 42, 7]
+    with torch.no_grad():
+        eager = language.causal_lm(torch.tensor([ids])).logits[0].numpy()
+    got = [step(ids[:4], 0)] + [step([token], position) for position, token in enumerate(ids[4:], start=4)]
+    np.testing.assert_allclose(np.stack(got), eager[3:], atol=1e-4, rtol=1e-4)
+
+
 def test_language_model_exports_to_a_stateful_mlpackage_for_ios(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
     """Core ML runs only on macOS: here the package is converted and checked, its numerics pend a Mac."""
     import coremltools as ct

@@ -306,22 +306,14 @@ def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: P
 
 
 def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
-    """Feed tokens at a position, get the last token's logits: how lm_parity drives a .pte."""
+    """Feed tokens at a position, get the last token's logits: how lm_parity drives a .pte (the device
+    runner's own stepper, so host and device step a program the same way)."""
     method = _forward_method(path, backend)
     if method is None:
         return None
+    from device_tests.runner import method_lm_stepper
 
-    def step(tokens: list[int], start_pos: int) -> np.ndarray:
-        if backend == "coreml":  # the stateful decoder: the position travels in the causal mask's shape
-            from ..llm import causal_mask
-
-            inputs = [torch.tensor([tokens], dtype=torch.long), causal_mask(start_pos, len(tokens))]
-        else:
-            inputs = [torch.tensor([tokens], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long)]
-        out = method.execute(inputs)
-        return out[0].reshape(-1, out[0].shape[-1])[-1].float().numpy().copy()
-
-    return step
+    return method_lm_stepper(method)
 
 
 def run_text_llm_runner(path: Path, tokenizer_json: Path, prompt: str, max_new_tokens: int) -> dict[str, Any]:
