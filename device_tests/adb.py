@@ -9,10 +9,16 @@ The runner on the phone is named by the inventory: ExecuTorch's ``executor_runne
 (``--graph --input_layer_value_files --output_filepath``). Their printed timings are parsed here, their
 raw output files are pulled back and compared with the golden outputs on the host, with the same
 metrics and thresholds as the Python runner on boards.
+
+Language models run in ExecuTorch's LLM runner ``llama_main`` (its TextLLMRunner, the code its apps use):
+each fixed prompt greedily, the tokenizer pushed beside the .pte; its ``PyTorchObserver {json}`` report
+gives load time, time to first token, prefill and decode tokens/s, and the text it printed is compared
+on the host with the eager model's greedy answers.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -22,14 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from exporter import files
 from exporter.errors import DeviceError
 
 from . import runner as device_runner
 from .inventory import DeviceSpec
+from .report import METRIC_TOLERANCE
 from .transport import Completed, ConnectError, RemoteCommandError, SshDevice
 
 PHONE_ROOT = "/data/local/tmp"  # the folder adb shell may write to on every phone
-RUNNER_KINDS = {"executor_runner": "pte", "benchmark_model": "tflite"}
+RUNNER_KINDS = {"executor_runner": "pte", "benchmark_model": "tflite", "llama_main": "pte"}
+LM_RUNNER = "llama_main"
 
 
 class LocalHost:
@@ -39,7 +48,8 @@ class LocalHost:
 
     def run(self, command: str, *, timeout: int, check: bool = True) -> Completed:
         try:
-            done = subprocess.run(["sh", "-c", command], check=False, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(["sh", "-c", command], check=False, capture_output=True, encoding="utf-8",
+                                  errors="replace", timeout=timeout)  # a runner may print a partial character
         except subprocess.TimeoutExpired as exc:
             raise RemoteCommandError(self.name, command, 124, f"killed after {timeout}s (timeout)") from exc
         if check and done.returncode != 0:
@@ -91,13 +101,20 @@ def phone_workdir(spec: DeviceSpec) -> str:
     return spec.workdir if spec.workdir.startswith("/") else f"{PHONE_ROOT}/{spec.workdir}"
 
 
-def runner_kind(spec: DeviceSpec) -> str:
+def runner_tool(spec: DeviceSpec) -> str:
+    """Which native tool the inventory's runner is: told by its file name."""
     name = PurePosixPath(spec.runner or "").name
-    for stem, kind in RUNNER_KINDS.items():
+    for stem in RUNNER_KINDS:
         if name.startswith(stem):
-            return kind
-    raise DeviceError(f"{spec.name}: runner '{spec.runner}' is neither ExecuTorch's executor_runner nor LiteRT's "
-                      "benchmark_model; point 'runner' in the inventory at one of them (the file name tells which)")
+            return stem
+    raise DeviceError(f"{spec.name}: runner '{spec.runner}' is none of ExecuTorch's executor_runner or llama_main "
+                      "or LiteRT's benchmark_model; point 'runner' in the inventory at one of them (the file name "
+                      "tells which)")
+
+
+def runner_kind(spec: DeviceSpec) -> str:
+    """The artifact format the runner executes."""
+    return RUNNER_KINDS[runner_tool(spec)]
 
 
 class AdbPhone:
@@ -265,6 +282,121 @@ def latency_from_summary(runs: dict[str, float]) -> dict[str, float | None]:
             "max": runs.get("max"), "std": runs.get("std")}
 
 
+# -- llama_main (language models) -----------------------------------------------------------------
+
+def llama_main_command(runner: str, model: str, tokenizer: str, prompt_file: str, max_new_tokens: int, *,
+                       num_bos: int = 0, warmup: bool = False) -> str:
+    """Greedy generation of one prompt (read from a file: chat templates span lines and quotes)."""
+    parts = [runner, f"--model_path={model}", f"--tokenizer_path={tokenizer}", f"--prompt_file={prompt_file}",
+             "--temperature=0", f"--max_new_tokens={max_new_tokens}", f"--num_bos={num_bos}"]
+    if warmup:
+        parts.append("--warmup")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+@dataclass
+class LlamaMainRun:
+    text: str  # what the model generated (the echoed prompt removed)
+    stats: dict[str, Any]  # the PyTorchObserver report: token counts and millisecond timestamps
+    peak_rss_mb: float | None  # from its "RSS after ...: X MiB" log lines, where the log reaches stderr
+
+
+def parse_llama_main(stdout: str, stderr: str, prompt: str) -> LlamaMainRun:
+    """TextLLMRunner prints the prompt, each generated piece as it comes, a newline, then
+    ``PyTorchObserver {json}`` on stdout; its log goes to stderr (to logcat on a phone)."""
+    marker = stdout.rfind("PyTorchObserver {")
+    if marker < 0:
+        raise ValueError("llama_main printed no 'PyTorchObserver {...}' report (did it fail to load the model or "
+                         f"the tokenizer?): {(stdout + stderr).strip()[-300:]}")
+    stats = json.loads(stdout[marker + len("PyTorchObserver "):].splitlines()[0])
+    body = stdout[:marker]
+    start = body.find(prompt)  # a warm-up run may have printed a newline first
+    body = body[start + len(prompt):] if start >= 0 else body
+    rss = [float(v) for v in re.findall(r"RSS after [^:\n]*: ([0-9.]+) MiB", stdout + stderr)]
+    return LlamaMainRun(body[:-1] if body.endswith("\n") else body, stats, max(rss) if rss and max(rss) > 0 else None)
+
+
+def printable(text: str) -> str:
+    """The characters both sides surely print. llama_main drops every one-byte piece that is not printable
+    ASCII (ExecuTorch's safe_printf), so a character split over byte tokens never reaches its output, and
+    a partial character decodes as U+FFFD: generations are compared on their ASCII characters."""
+    return "".join(c for c in text if c < "\x80")
+
+
+def matched_tokens(decode: Any, expected: list[int], text: str) -> int:
+    """How many of the expected tokens ``text`` reproduces before it first differs: the longest prefix of
+    ``expected`` whose decoded text starts ``text`` (compared on their printable characters)."""
+    seen = printable(text)
+    return max((k for k in range(1, len(expected) + 1) if seen.startswith(printable(decode(expected[:k])))), default=0)
+
+
+def measure_language_model(phone: AdbPhone, record: dict[str, Any], model_path: str, tokenizer_path: str,
+                           golden: dict[str, np.ndarray], decode: Any, job: dict[str, Any],
+                           local_dir: Path) -> dict[str, Any]:
+    """Each fixed prompt through llama_main, greedily, as many tokens as the eager model's answer; timings
+    from its report, the answers compared on the host with the eager model's and with the host's run."""
+    runs, matches, texts = [], [], []
+    index = 0
+    while f"prompt{index}" in golden:
+        prompt_ids = [int(t) for t in golden[f"prompt{index}"]]
+        expected = [int(t) for t in golden[f"greedy{index}"]]
+        # The whole prompt as text, BOS and chat markers included: the runner's tokenizer reads special tokens in
+        # the text (its --num_bos relies on a BOS the tokenizer file may not name), and the count is checked below.
+        prompt = decode(prompt_ids)
+        local = local_dir / f"prompt{index}.txt"
+        local.write_text(prompt)
+        remote = f"{phone.workdir}/{job['run_id']}/{local.name}"
+        phone.push(local, remote)
+        done = phone.shell(llama_main_command(phone.spec.runner or "", model_path, tokenizer_path, remote,
+                                              len(expected), warmup=job["warmup"] > 0))
+        run = parse_llama_main(done.stdout, done.stderr, prompt)
+        if run.stats.get("prompt_tokens") != len(prompt_ids):
+            raise ValueError(f"llama_main read prompt {index} as {run.stats.get('prompt_tokens')} tokens, the host as "
+                             f"{len(prompt_ids)}: the phone's tokenizer splits the chat template differently, so its "
+                             "answers cannot be compared token by token")
+        runs.append(run)
+        texts.append(run.text)
+        matches.append(matched_tokens(decode, expected, run.text) / max(len(expected), 1))
+        index += 1
+    if not runs:
+        raise ValueError("the golden file holds no prompts to generate from")
+    (local_dir / f"{record['name']}.generations.json").write_text(json.dumps(texts, indent=1))
+    stats = [r.stats for r in runs]
+    prefill_ms = sum(s["prompt_eval_end_ms"] - s["inference_start_ms"] for s in stats)
+    decode_ms = sum(s["inference_end_ms"] - s["prompt_eval_end_ms"] for s in stats)
+    generated = sum(s["generated_tokens"] for s in stats)
+    step_ms = [(s["inference_end_ms"] - s["prompt_eval_end_ms"]) / s["generated_tokens"]
+               for s in stats if s["generated_tokens"]]  # llama_main reports per prompt, not per step
+    loads = sorted(s["model_load_end_ms"] - s["model_load_start_ms"] for s in stats)
+    host_texts = record.get("generations") or []
+    metrics = {"greedy_match": float(np.mean(matches))}
+    if len(host_texts) == len(texts):
+        # (at EOS the runner prints a newline of its own: trailing newlines do not count)
+        same = [printable(a).rstrip("\n") == printable(b).rstrip("\n") for a, b in zip(texts, host_texts)]
+        metrics["same_as_host"] = sum(same) / len(same)
+    rss = [r.peak_rss_mb for r in runs if r.peak_rss_mb]
+    return {"kind": "language-model", "load_ms": float(loads[len(loads) // 2]), "iterations": generated,
+            "ttft_ms": float(np.mean([s["first_token_ms"] - s["inference_start_ms"] for s in stats])),
+            "prefill_tokens_per_s": 1000 * sum(s["prompt_tokens"] for s in stats) / prefill_ms if prefill_ms else None,
+            "decode_tokens_per_s": 1000 * generated / decode_ms if decode_ms else None,
+            "latency_ms": latency_from_summary({"min": min(step_ms), "avg": float(np.mean(step_ms)),
+                                                "max": max(step_ms), "std": float(np.std(step_ms))})
+            if step_ms else latency_from_summary({}),
+            "peak_rss_mb": max(rss) if rss else None, "metrics": metrics, "generations": texts,
+            "outputs_file": f"{record['name']}.generations.json", "samples_ms": []}
+
+
+def host_agreement_check(metrics: dict[str, Any], record: dict[str, Any], tolerance: float) -> list[dict[str, Any]]:
+    """The phone must generate about as faithfully as the same artifact did on the host: its greedy match may
+    trail the host's by ``tolerance`` (another CPU's kernels round differently and break near-ties)."""
+    host = ((record.get("parity") or {}).get("metrics") or {}).get("greedy_match")
+    if host is None or "greedy_match" not in metrics:
+        return []
+    required = max(host - tolerance, 0.0)
+    return [{"metric": "greedy_match_vs_host", "measured": metrics["greedy_match"], "required": required,
+             "passed": metrics["greedy_match"] >= required}]
+
+
 # -- a run on one phone ---------------------------------------------------------------------------
 
 def _raw_inputs(golden: dict[str, np.ndarray], names: list[str], signature: dict[str, Any], index: int,
@@ -350,11 +482,16 @@ def plan(data: dict[str, Any], facts: dict[str, Any], spec: DeviceSpec) -> list[
     if not facts["runtimes"]:
         raise DeviceError(f"{spec.name}: no executable runner at {spec.runner} on the phone; adb push it there "
                           "and chmod +x it")
-    if data["golden"].get("kind") == "language-model":
-        raise DeviceError(f"{spec.name}: language models on adb phones need ExecuTorch's LLM runner "
-                          "(llama_main), which edgeship does not drive yet; test them on an ssh board")
+    language_model = data["golden"].get("kind") == "language-model"
+    tool = runner_tool(spec)
+    if language_model and tool != LM_RUNNER:
+        raise DeviceError(f"{spec.name}: language models run in ExecuTorch's LLM runner; point 'runner' at its "
+                          f"llama_main binary (this phone's runner is {tool})")
+    if tool == LM_RUNNER and not language_model:
+        raise DeviceError(f"{spec.name}: llama_main runs language models only; point 'runner' at ExecuTorch's "
+                          "executor_runner for this export")
     runnable = [r for r in data["artifacts"] if r.get("status") in ("passed", "failed")
-                and r["format"] == facts["runner_format"] and r.get("signature")]
+                and r["format"] == facts["runner_format"] and (language_model or r.get("signature"))]
     if not runnable:
         formats = sorted({r["format"] for r in data["artifacts"]})
         raise DeviceError(f"{spec.name}: its runner {PurePosixPath(spec.runner or '').name} runs "
@@ -370,23 +507,30 @@ def run_phone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_f
     facts = phone.facts()
     log.append(f"facts: {facts}")
     artifacts = plan(data, facts, spec)
-    need = sum((export_folder / r["file"]).stat().st_size for r in artifacts)
+    to_cache = {r["file"]: r["sha256"] for r in artifacts}
+    language_model = data["golden"].get("kind") == "language-model"
+    tokenizer = data.get("bundle", {}).get("tokenizer")
+    if language_model:
+        if not tokenizer or not (export_folder / tokenizer).is_file():
+            raise DeviceError(f"{spec.name}: llama_main needs the bundle's tokenizer file, which {export_folder} lacks; "
+                              "export again")
+        to_cache[tokenizer] = files.sha256_of(export_folder / tokenizer)
+    need = sum((export_folder / name).stat().st_size for name in to_cache)
     if facts["free_bytes"] < need * 1.1:
         raise DeviceError(f"{spec.name}: only {facts['free_bytes'] / 1e6:.1f} MB free in {phone.workdir} on the phone, "
                           f"the artifacts need {need / 1e6:.1f} MB")
     cache = f"{phone.workdir}/cache"
     run_id = f"run-{run_folder.name}"
     phone.shell(f"mkdir -p {q(cache)} {q(phone.workdir + '/' + run_id)}")
-    remote = {r["file"]: f"{cache}/{r['sha256']}{Path(r['file']).suffix}" for r in artifacts}
+    remote = {name: f"{cache}/{digest}{Path(name).suffix}" for name, digest in to_cache.items()}
     have = phone.hashes(list(remote.values()))
     pushed, skipped = [], []
-    for record in artifacts:
-        target = remote[record["file"]]
-        if have.get(target) == record["sha256"]:
-            skipped.append(record["file"])
+    for name, digest in to_cache.items():
+        if have.get(remote[name]) == digest:
+            skipped.append(name)
             continue
-        phone.push(export_folder / record["file"], target)
-        pushed.append(record["file"])
+        phone.push(export_folder / name, remote[name])
+        pushed.append(name)
     log.append(f"pushed {pushed}, already there {skipped}")
     golden = dict(np.load(export_folder / data["golden"]["file"]))
     model = data["model"]
@@ -395,11 +539,18 @@ def run_phone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_f
            "golden_sets": data["golden"]["sets"], "iterations": settings.iterations, "warmup": settings.warmup}
     local_dir = run_folder / f"{spec.name}.outputs"
     local_dir.mkdir(exist_ok=True)
+    decode = _decoder(export_folder / tokenizer) if language_model else None
     results: dict[str, Any] = {}
     for record in artifacts:
         try:
-            measured = measure_artifact(phone, record, remote[record["file"]], job, golden, local_dir)
+            if language_model:
+                measured = measure_language_model(phone, record, remote[record["file"]], remote[tokenizer], golden,
+                                                  decode, job, local_dir)
+            else:
+                measured = measure_artifact(phone, record, remote[record["file"]], job, golden, local_dir)
             measured["checks"] = device_runner.judge(measured["metrics"], record.get("thresholds", {}))
+            if language_model:
+                measured["checks"] += host_agreement_check(measured["metrics"], record, METRIC_TOLERANCE["greedy_match"])
             measured["passed"] = bool(measured["checks"]) and all(c["passed"] for c in measured["checks"])
         except (RemoteCommandError, ValueError) as exc:  # one artifact failing must not hide the others
             measured = {"error": str(exc), "passed": False}
@@ -408,3 +559,11 @@ def run_phone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_f
         phone.shell(f"rm -rf {q(phone.workdir + '/' + run_id)}")
     return {"facts": facts, "runner_version": f"native:{PurePosixPath(spec.runner or '').name}",
             "artifacts": results, "pushed": pushed, "skipped": skipped}
+
+
+def _decoder(tokenizer_file: Path) -> Any:
+    """Token ids to text exactly as the bundle's tokenizer writes them (special tokens kept, as the runner prints)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)

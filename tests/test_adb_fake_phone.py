@@ -1,7 +1,8 @@
 """The adb transport. No Android phone can be attached here, so every test that "has" a phone says
 fake in its name: the phone is tests/fakes/adb.py (adb's three calls, its messages and exit codes) and
 the binaries on it are stand-ins for executor_runner and benchmark_model that take the real flags, print
-the real tools' log lines and run the real artifact with ExecuTorch's and LiteRT's Python runtimes.
+the real tools' log lines and run the real artifact with ExecuTorch's and LiteRT's Python runtimes, and
+for llama_main, whose flags are handed to ExecuTorch's own TextLLMRunner (the C++ llama_main calls).
 The parsers are tested on text in the real tools' formats (ET_LOG and TFLITE_LOG lines as their
 sources print them), and the commands the harness builds are checked flag by flag."""
 
@@ -25,7 +26,9 @@ from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
 from tests.boards import keygen, make_board
-from tests.conftest import MLP
+from exporter.sources import SourceOptions
+from exporter.targets import load_target_file
+from tests.conftest import MLP, make_tiny_lm, write_target
 
 FAKES = Path(__file__).parent / "fakes"
 
@@ -62,6 +65,28 @@ INFO: Inference timings in us: Init: 5230, First inference: 402, Warmup (avg): 1
 INFO: Note: as the benchmark tool itself affects memory footprint, the following is only APPROXIMATE to the actual memory footprint of the model at runtime. Take the information at your discretion.
 INFO: Memory footprint delta from the start of the tool (MB): init=2.5 overall=3.1
 INFO: Overall peak memory footprint (MB) via periodic monitoring: 7.9
+"""
+
+# What llama_main prints on a Linux build: the prompt, the generated pieces, a newline and the
+# PyTorchObserver report on stdout; ET_LOG lines on stderr.
+LLAMA_MAIN_STDOUT = """\
+<|im_start|>user
+What is the capital of Japan?<|im_end|>
+<|im_start|>assistant
+The capital of Japan is Tokyo.<|im_end|>
+
+PyTorchObserver {"prefill_token_per_sec":347.826,"decode_token_per_sec":95.8904,"prompt_tokens":16,\
+"generated_tokens":7,"model_load_start_ms":1795547388226,"model_load_end_ms":1795547388969,\
+"inference_start_ms":1795547388969,"inference_end_ms":1795547389088,"prompt_eval_end_ms":1795547389015,\
+"first_token_ms":1795547389015,"aggregate_sampling_time_ms":0,"SCALING_FACTOR_UNITS_PER_SECOND":1000}
+"""
+LLAMA_MAIN_STDERR = """\
+[llm_runner_helper.cpp:137] Metadata: get_max_context_len = 512
+[text_llm_runner.cpp:89] RSS after loading model: 592.218750 MiB (0 if unsupported)
+[text_token_generator.h:181] 
+Reached to the end of generation
+[text_llm_runner.cpp:258] RSS after finishing text generation: 601.5 MiB (0 if unsupported)
+[stats.h:175] 	Prompt Tokens: 16    Generated Tokens: 7
 """
 
 GETPROP_AND_DF = """\
@@ -128,8 +153,37 @@ def test_built_commands_quote_every_value_for_host_and_phone() -> None:
 
 
 def test_a_runner_that_is_neither_tool_is_named() -> None:
-    with pytest.raises(DeviceError, match="neither ExecuTorch's executor_runner nor LiteRT's benchmark_model"):
+    with pytest.raises(DeviceError, match="none of ExecuTorch's executor_runner or llama_main or LiteRT's"):
         adb.runner_kind(phone_spec(runner="/data/local/tmp/my_app"))
+
+
+def test_llama_main_output_is_parsed_into_its_report_and_the_generated_text() -> None:
+    prompt = "<|im_start|>user\nWhat is the capital of Japan?<|im_end|>\n<|im_start|>assistant\n"
+    run = adb.parse_llama_main(LLAMA_MAIN_STDOUT, LLAMA_MAIN_STDERR, prompt)
+    assert run.text == "The capital of Japan is Tokyo.<|im_end|>\n"  # EOS prints a newline of its own
+    assert run.stats["prompt_tokens"] == 16 and run.stats["generated_tokens"] == 7
+    assert run.peak_rss_mb == pytest.approx(601.5)
+    with pytest.raises(ValueError, match="no 'PyTorchObserver"):
+        adb.parse_llama_main("", "E 00:00:00.000100 executorch:main.cpp:12] Failed to create llama runner\n", prompt)
+    command = adb.llama_main_command("/data/local/tmp/llama_main", "/w/m y.pte", "/w/tok.json", "/w/p 0.txt", 32,
+                                     num_bos=1, warmup=True)
+    assert shlex.split(command) == ["/data/local/tmp/llama_main", "--model_path=/w/m y.pte",
+                                    "--tokenizer_path=/w/tok.json", "--prompt_file=/w/p 0.txt", "--temperature=0",
+                                    "--max_new_tokens=32", "--num_bos=1", "--warmup"]
+
+
+def test_greedy_text_is_matched_token_by_token_through_the_decoded_prefix() -> None:
+    pieces = {1: "Tok", 2: "yo", 3: ".", 4: "\xe2", 5: "\x82\xac"}  # 4 and 5: one character's bytes
+
+    def decode(ids):
+        raw = "".join(pieces[i] for i in ids).encode("latin-1")
+        return raw.decode("utf-8", errors="replace")
+
+    assert adb.matched_tokens(decode, [1, 2, 3], "Tokyo.") == 3
+    assert adb.matched_tokens(decode, [1, 2, 3], "Tokio.") == 1
+    assert adb.matched_tokens(decode, [1, 4, 5, 3], "Tok\u20ac.") == 4  # a split character counts once whole
+    assert adb.matched_tokens(decode, [1, 4, 5, 3], "Tok.") == 4  # llama_main drops one-byte pieces it can't print
+    assert adb.matched_tokens(decode, [2], "Tokyo") == 0
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +196,7 @@ def phones(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (tools / "adb").write_text(f"#!/bin/sh\nexec {sys.executable} {tools / 'adb.py'} \"$@\"\n")
     (tools / "adb").chmod(0o755)
     bins = {}
-    for tool in ("executor_runner", "benchmark_model"):
+    for tool in ("executor_runner", "benchmark_model", "llama_main"):
         bins[tool] = root / "phone-bin" / tool
         bins[tool].parent.mkdir(exist_ok=True)
         bins[tool].write_text(f"#!/bin/sh\nexec {sys.executable} {FAKES / (tool + '.py')} \"$@\"\n")
@@ -224,3 +278,55 @@ def test_fake_phone_attached_to_a_lab_host_reached_over_real_ssh(phones: dict) -
         assert outcomes[0].result["artifacts"]["xnnpack-int8-dynamic"]["metrics"]["cosine"] > 0.999
     finally:
         board.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_export(phones: dict, smollm2_tokenizer_folder: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, exported to an fp32 .pte (greedy answers exact)."""
+    root = phones["root"]
+    target = load_target_file(write_target(root, "lm-pte", """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+min_greedy_match = 1.0
+"""))
+    model = load_model(str(make_tiny_lm(root / "tiny-llama", "llama", smollm2_tokenizer_folder)),
+                       SourceOptions(context_len=128))
+    summary = export(target, model, root / "lm-dist")
+    assert summary.ok, [r.record.get("failures") for r in summary.results]
+    return summary.folder
+
+
+def test_fake_phone_generates_with_llama_main_and_its_answers_are_compared_on_the_host(
+        phones: dict, tiny_lm_export: Path) -> None:
+    device = fake_phone(phones, "pixel-llm", "PTE1", "llama_main")
+    run_folder, outcomes = run_devices([device], tiny_lm_export, phones["root"] / "results", Settings(warmup=1))
+    assert outcomes[0].ok, outcomes[0].reason
+    result = outcomes[0].result
+    measured = result["artifacts"]["xnnpack-fp32"]
+    assert measured["kind"] == "language-model" and measured["passed"], measured.get("checks") or measured.get("error")
+    assert measured["metrics"]["greedy_match"] == 1.0 and measured["metrics"]["same_as_host"] == 1.0
+    judged = {c["metric"]: c for c in measured["checks"]}
+    assert set(judged) == {"min_greedy_match", "greedy_match_vs_host"}  # token agreement needs logits: not on phones
+    assert measured["decode_tokens_per_s"] > 0 and measured["prefill_tokens_per_s"] > 0 and measured["ttft_ms"] >= 0
+    assert measured["iterations"] > 0 and measured["load_ms"] >= 0
+    manifest = json.loads((tiny_lm_export / "manifest.json").read_text())
+    host_generations = manifest["artifacts"][0]["generations"]  # what the host's run generated
+    assert [adb.printable(t) for t in measured["generations"]] == [adb.printable(t) for t in host_generations]
+    assert sorted(result["pushed"]) == ["tokenizer.json", "xnnpack-fp32.pte"]
+    assert (run_folder / "pixel-llm.outputs" / "xnnpack-fp32.generations.json").is_file()
+    assert "decode" in (run_folder / "report.md").read_text()
+    _, outcomes = run_devices([device], tiny_lm_export, phones["root"] / "results", Settings())
+    assert outcomes[0].ok and outcomes[0].result["pushed"] == []
+
+
+def test_fake_phone_with_the_wrong_runner_for_the_export_is_told_which_one_it_needs(
+        phones: dict, tiny_lm_export: Path) -> None:
+    _, outcomes = run_devices([fake_phone(phones, "tensor-runner", "PTE1", "executor_runner")], tiny_lm_export,
+                              phones["root"] / "results", Settings())
+    assert not outcomes[0].ok and "point 'runner' at its llama_main binary" in outcomes[0].reason
+    _, outcomes = run_devices([fake_phone(phones, "llm-runner", "PTE1", "llama_main")], phones["export"],
+                              phones["root"] / "results", Settings())
+    assert not outcomes[0].ok and "llama_main runs language models only" in outcomes[0].reason
