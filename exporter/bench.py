@@ -28,6 +28,11 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
     """Runs inside the child process: load, prefill the prompt, decode DECODE_TOKENS tokens greedily."""
     import numpy as np
 
+    if engine == "pte-runner":
+        return _text_llm_runner(folder, artifact or "")
+    if engine == "llama.cpp":
+        return _llama_cpp(folder)
+
     from .sources import SourceOptions, load_model
 
     data = manifest.require(folder)
@@ -58,6 +63,68 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
     return {"load_s": load_s, "ttft_s": first - start, "prefill_tokens_per_s": len(ids) / (first - start),
             "decode_tokens_per_s": DECODE_TOKENS / (end - first), "prompt_tokens": len(ids),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _text_llm_runner(folder: Path, artifact: str) -> dict[str, Any]:
+    """The .pte in ExecuTorch's own TextLLMRunner, the C++ generation loop its apps and llama_main run (no
+    Python between steps). Its report counts milliseconds; it stops early only at EOS."""
+    from transformers import AutoTokenizer
+
+    from .formats.pte import load_runtime_extensions
+
+    load_runtime_extensions()
+    from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
+
+    record = next(a for a in manifest.require(folder)["artifacts"] if a["name"] == artifact)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = prompt_ids(tokenizer)
+    prompt = tokenizer.decode(ids)  # the runner tokenises text: special tokens in it are read as such
+    began = time.perf_counter()
+    runner = TextLLMRunner(str(folder / record["file"]), str(folder / "tokenizer.json"))
+    built_s = time.perf_counter() - began
+    config = GenerationConfig()
+    config.max_new_tokens, config.temperature, config.echo = DECODE_TOKENS + 1, 0.0, False  # prefill gives one
+    reports: list[dict[str, Any]] = []
+    runner.generate(prompt, config, lambda piece: None, lambda stats: reports.append(json.loads(stats.to_json_string())))
+    r = reports[-1]
+    if r["prompt_tokens"] != len(ids):
+        raise RuntimeError(f"TextLLMRunner read the prompt as {r['prompt_tokens']} tokens, the tokenizer as {len(ids)}")
+    prefill_ms = max(r["prompt_eval_end_ms"] - r["inference_start_ms"], 1)
+    decode_ms = max(r["inference_end_ms"] - r["prompt_eval_end_ms"], 1)
+    return {"load_s": built_s + (r["model_load_end_ms"] - r["model_load_start_ms"]) / 1000,
+            "ttft_s": (r["first_token_ms"] - r["inference_start_ms"]) / 1000,
+            "prefill_tokens_per_s": 1000 * r["prompt_tokens"] / prefill_ms,
+            "decode_tokens_per_s": 1000 * r["generated_tokens"] / decode_ms, "prompt_tokens": r["prompt_tokens"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _llama_cpp(folder: Path) -> dict[str, Any]:
+    """The source GGUF in llama.cpp (llama-cpp-python), greedy, all cores: the reference engine for GGUFs."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    source = manifest.require(folder)["model"]["source"]
+    ids = prompt_ids(AutoTokenizer.from_pretrained(str(folder)))
+    began = time.perf_counter()
+    llm = Llama(model_path=source["path"], n_ctx=source.get("context_len") or 512, n_threads=os.cpu_count() or 1,
+                n_batch=512, verbose=False)
+    load_s = time.perf_counter() - began
+    start = time.perf_counter()
+    stamps = []
+    for _ in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        stamps.append(time.perf_counter())
+        if len(stamps) > DECODE_TOKENS:
+            break
+    first, end = stamps[0], stamps[-1]
+    return {"load_s": load_s, "ttft_s": first - start, "prefill_tokens_per_s": len(ids) / (first - start),
+            "decode_tokens_per_s": (len(stamps) - 1) / (end - first), "prompt_tokens": len(ids),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 class _EagerCached:
@@ -128,33 +195,43 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
         raise SystemExit("error: edgeship bench measures language-model exports; this folder holds another model")
     engines: list[tuple[str, str | None]] = [("eager", None)]
     engines += [(a["format"], a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
+    engines += [("pte-runner", a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
+                and a["format"] == "pte" and a.get("backend") != "coreml" and (folder / "tokenizer.json").is_file()]
+    if llama_cpp_available() and data["model"]["source"].get("kind") == "gguf":  # the reference engine for GGUFs
+        engines += [("llama.cpp", None)]
     if litertlm_python() is not None:  # the bundle as LiteRT-LM runs it in an app
         engines += [("litertlm", c["file"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
                     for c in a.get("companions", []) if c["file"].endswith(".litertlm")]
     from transformers import AutoTokenizer
 
     prompt_tokens = len(prompt_ids(AutoTokenizer.from_pretrained(str(folder))))
-    samples: dict[str, list[dict[str, Any]]] = {name or kind: [] for kind, name in engines}
+    samples: dict[tuple[str, str | None], list[dict[str, Any]]] = {engine: [] for engine in engines}
     for _ in range(runs):  # round-robin: every engine sees the same machine conditions
         for kind, name in engines:
-            samples[name or kind].append(_run_engine(kind, folder, name, prompt_tokens))
+            samples[(kind, name)].append(_run_engine(kind, folder, name, prompt_tokens))
     rows = []
     for kind, name in engines:
         key = name or kind
-        good = [s for s in samples[key] if "error" not in s]
+        good = [s for s in samples[(kind, name)] if "error" not in s]
         record = next((a for a in data["artifacts"] if a["name"] == name
                        or any(c["file"] == name for c in a.get("companions", []))), None)
         metrics = ((record or {}).get("parity") or {}).get("metrics", {})
-        row: dict[str, Any] = {"engine": f"{key} (LiteRT-LM)" if kind == "litertlm" else key, "runs": len(good)}
+        label = {"litertlm": f"{key} (LiteRT-LM)", "pte-runner": f"{key} (ExecuTorch runner)",
+                 "llama.cpp": "llama.cpp (source GGUF)"}.get(kind, key)
+        row: dict[str, Any] = {"engine": label, "runs": len(good)}
         if not good:
-            row["error"] = samples[key][0].get("error")
+            row["error"] = samples[(kind, name)][0].get("error")
         for field in ("load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"):
             if good:
                 row[field] = statistics.median(s[field] for s in good)
         sizes = {c["file"]: c["size"] for c in (record or {}).get("companions", [])}
         row["size_mb"] = sizes.get(key, (record or {}).get("size", 0)) / 1e6 if record else None
-        row["token_agreement"] = 1.0 if record is None else metrics.get("token_agreement")
-        row["mean_kl"] = 0.0 if record is None else metrics.get("mean_kl")
+        if kind == "llama.cpp":  # its weights are the source's: the eager model is their dequantised form
+            row["size_mb"] = Path(data["model"]["source"]["path"]).stat().st_size / 1e6
+            row["token_agreement"] = row["mean_kl"] = None
+        else:
+            row["token_agreement"] = 1.0 if record is None else metrics.get("token_agreement")
+            row["mean_kl"] = 0.0 if record is None else metrics.get("mean_kl")
         rows.append(row)
     return {"model": data["model"]["name"], "folder": str(folder), "runs": runs, "decode_tokens": DECODE_TOKENS,
             "prompt": PROMPT, "machine": _machine(), "rows": rows}
@@ -188,7 +265,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[0] in ("eager", "pte", "tflite"):  # child process
+    if len(argv) == 3 and argv[0] in ("eager", "pte", "tflite", "pte-runner", "llama.cpp"):  # child process
         print(json.dumps(_worker(argv[0], Path(argv[1]), None if argv[2] == "-" else argv[2])))
         return 0
     folder, runs = Path(argv[0]), int(argv[1]) if len(argv) > 1 else 3

@@ -1,0 +1,62 @@
+"""Wall time and peak memory of one export, counting every process it starts.
+
+`/usr/bin/time -v` reports the largest single process; an export runs litert-torch in a child while the
+parent holds the model, so the machine needs their sum. This samples the whole process tree twice a
+second: the sum of resident sets (shared pages counted in each process) and of proportional sets
+(PSS: shared pages split between the processes sharing them, the honest total).
+
+    .venv/bin/python bench/export_footprint.py --target android --output /tmp/footprint
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def sample(processes: list[psutil.Process]) -> tuple[int, int, int]:
+    """(sum of RSS, sum of PSS, largest RSS) in bytes over the processes still alive."""
+    rss = pss = largest = 0
+    for process in processes:
+        try:
+            info = process.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss, pss, largest = rss + info.rss, pss + info.pss, max(largest, info.rss)
+    return rss, pss, largest
+
+
+def main(argv: list[str]) -> int:
+    command = [str(Path(sys.executable).parent / "edgeship"), "export", *argv]
+    began = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(child.pid)
+    peak_rss = peak_pss = peak_single = 0
+    while child.poll() is None:
+        rss, pss, largest = sample(tree(root))
+        peak_rss, peak_pss, peak_single = max(peak_rss, rss), max(peak_pss, pss), max(peak_single, largest)
+        time.sleep(0.5)
+    wall = time.perf_counter() - began
+    stderr = child.stderr.read() if child.stderr else ""
+    steps = [line for line in stderr.splitlines() if line.startswith("[") and " done in " in line]
+    result = {"command": " ".join(command[1:]), "exit": child.returncode, "wall_s": round(wall, 1),
+              "peak_tree_rss_gib": round(peak_rss / 2**30, 2), "peak_tree_pss_gib": round(peak_pss / 2**30, 2),
+              "peak_single_process_rss_gib": round(peak_single / 2**30, 2), "steps": steps}
+    print(json.dumps(result, indent=1))
+    return child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
