@@ -285,10 +285,11 @@ def latency_from_summary(runs: dict[str, float]) -> dict[str, float | None]:
 # -- llama_main (language models) -----------------------------------------------------------------
 
 def llama_main_command(runner: str, model: str, tokenizer: str, prompt_file: str, max_new_tokens: int, *,
-                       num_bos: int = 0, warmup: bool = False) -> str:
-    """Greedy generation of one prompt (read from a file: chat templates span lines and quotes)."""
+                       warmup: bool = False) -> str:
+    """Greedy generation of one prompt (read from a file: chat templates span lines and quotes). No
+    --num_bos: the prompt text carries its BOS, which the runner's tokenizer reads as a special token."""
     parts = [runner, f"--model_path={model}", f"--tokenizer_path={tokenizer}", f"--prompt_file={prompt_file}",
-             "--temperature=0", f"--max_new_tokens={max_new_tokens}", f"--num_bos={num_bos}"]
+             "--temperature=0", f"--max_new_tokens={max_new_tokens}"]
     if warmup:
         parts.append("--warmup")
     return " ".join(shlex.quote(p) for p in parts)
@@ -344,7 +345,7 @@ def measure_language_model(phone: AdbPhone, record: dict[str, Any], model_path: 
         # the text (its --num_bos relies on a BOS the tokenizer file may not name), and the count is checked below.
         prompt = decode(prompt_ids)
         local = local_dir / f"prompt{index}.txt"
-        local.write_text(prompt)
+        local.write_text(prompt, encoding="utf-8")
         remote = f"{phone.workdir}/{job['run_id']}/{local.name}"
         phone.push(local, remote)
         done = phone.shell(llama_main_command(phone.spec.runner or "", model_path, tokenizer_path, remote,

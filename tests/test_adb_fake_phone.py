@@ -166,10 +166,10 @@ def test_llama_main_output_is_parsed_into_its_report_and_the_generated_text() ->
     with pytest.raises(ValueError, match="no 'PyTorchObserver"):
         adb.parse_llama_main("", "E 00:00:00.000100 executorch:main.cpp:12] Failed to create llama runner\n", prompt)
     command = adb.llama_main_command("/data/local/tmp/llama_main", "/w/m y.pte", "/w/tok.json", "/w/p 0.txt", 32,
-                                     num_bos=1, warmup=True)
+                                     warmup=True)
     assert shlex.split(command) == ["/data/local/tmp/llama_main", "--model_path=/w/m y.pte",
                                     "--tokenizer_path=/w/tok.json", "--prompt_file=/w/p 0.txt", "--temperature=0",
-                                    "--max_new_tokens=32", "--num_bos=1", "--warmup"]
+                                    "--max_new_tokens=32", "--warmup"]
 
 
 def test_greedy_text_is_matched_token_by_token_through_the_decoded_prefix() -> None:
