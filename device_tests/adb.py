@@ -336,7 +336,7 @@ def measure_language_model(phone: AdbPhone, record: dict[str, Any], model_path: 
                            local_dir: Path) -> dict[str, Any]:
     """Each fixed prompt through llama_main, greedily, as many tokens as the eager model's answer; timings
     from its report, the answers compared on the host with the eager model's and with the host's run."""
-    runs, matches, texts = [], [], []
+    runs, matches = [], []
     index = 0
     while f"prompt{index}" in golden:
         prompt_ids = [int(t) for t in golden[f"prompt{index}"]]
@@ -356,11 +356,11 @@ def measure_language_model(phone: AdbPhone, record: dict[str, Any], model_path: 
                              f"{len(prompt_ids)}: the phone's tokenizer splits the chat template differently, so its "
                              "answers cannot be compared token by token")
         runs.append(run)
-        texts.append(run.text)
         matches.append(matched_tokens(decode, expected, run.text) / max(len(expected), 1))
         index += 1
     if not runs:
         raise ValueError("the golden file holds no prompts to generate from")
+    texts = [r.text for r in runs]
     (local_dir / f"{record['name']}.generations.json").write_text(json.dumps(texts, indent=1))
     stats = [r.stats for r in runs]
     prefill_ms = sum(s["prompt_eval_end_ms"] - s["inference_start_ms"] for s in stats)

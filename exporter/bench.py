@@ -70,23 +70,15 @@ def _text_llm_runner(folder: Path, artifact: str) -> dict[str, Any]:
     Python between steps). Its report counts milliseconds; it stops early only at EOS."""
     from transformers import AutoTokenizer
 
-    from .formats.pte import load_runtime_extensions
-
-    load_runtime_extensions()
-    from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
+    from .formats.pte import text_llm_runner_generate
 
     record = next(a for a in manifest.require(folder)["artifacts"] if a["name"] == artifact)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = prompt_ids(tokenizer)
     prompt = tokenizer.decode(ids)  # the runner tokenises text: special tokens in it are read as such
-    began = time.perf_counter()
-    runner = TextLLMRunner(str(folder / record["file"]), str(folder / "tokenizer.json"))
-    built_s = time.perf_counter() - began
-    config = GenerationConfig()
-    config.max_new_tokens, config.temperature, config.echo = DECODE_TOKENS + 1, 0.0, False  # prefill gives one
-    reports: list[dict[str, Any]] = []
-    runner.generate(prompt, config, lambda piece: None, lambda stats: reports.append(json.loads(stats.to_json_string())))
-    r = reports[-1]
+    # prefill gives the first token, then DECODE_TOKENS decode steps
+    _, r, built_s = text_llm_runner_generate(folder / record["file"], folder / "tokenizer.json", prompt,
+                                             DECODE_TOKENS + 1)
     if r["prompt_tokens"] != len(ids):
         raise RuntimeError(f"TextLLMRunner read the prompt as {r['prompt_tokens']} tokens, the tokenizer as {len(ids)}")
     prefill_ms = max(r["prompt_eval_end_ms"] - r["inference_start_ms"], 1)

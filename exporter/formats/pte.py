@@ -316,27 +316,38 @@ def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:
     return method_lm_stepper(method)
 
 
-def run_text_llm_runner(path: Path, tokenizer_json: Path, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    """Generate with ExecuTorch's own TextLLMRunner: proof the .pte runs unchanged in its apps."""
+def text_llm_runner_generate(path: Path, tokenizer_json: Path, prompt: str,
+                             max_new_tokens: int) -> tuple[str, dict[str, Any], float]:
+    """Greedy generation in ExecuTorch's own TextLLMRunner (the C++ loop of its apps and llama_main): the
+    text, the runner's PyTorchObserver report, and the seconds building the runner took. Raises
+    UnicodeDecodeError when a piece is a partial UTF-8 character its Python binding cannot hand over."""
     import json
+    import time
 
     load_runtime_extensions()
     from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
 
+    began = time.perf_counter()
     runner = TextLLMRunner(str(path), str(tokenizer_json))
+    built_s = time.perf_counter() - began
     config = GenerationConfig()
     config.max_new_tokens = max_new_tokens
     config.temperature = 0.0
     config.echo = False
     pieces: list[str] = []
     stats: list[str] = []
+    runner.generate(prompt, config, pieces.append, lambda s: stats.append(s.to_json_string()))
+    return "".join(pieces), json.loads(stats[-1]) if stats else {}, built_s
+
+
+def run_text_llm_runner(path: Path, tokenizer_json: Path, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """Generate with ExecuTorch's own TextLLMRunner: proof the .pte runs unchanged in its apps."""
     try:
-        runner.generate(prompt, config, pieces.append, lambda s: stats.append(s.to_json_string()))
+        text, report, _ = text_llm_runner_generate(path, tokenizer_json, prompt, max_new_tokens)
     except UnicodeDecodeError:
         # A byte-level token that is not valid UTF-8 on its own: the runner ran, its Python binding
         # cannot hand the piece over. Apps receive raw bytes and are unaffected.
         return {"text": None, "note": "generated a partial UTF-8 piece the Python binding cannot decode"}
-    report = json.loads(stats[-1]) if stats else {}
-    return {"text": "".join(pieces), "prefill_tokens_per_s": report.get("prefill_token_per_sec"),
+    return {"text": text, "prefill_tokens_per_s": report.get("prefill_token_per_sec"),
             "decode_tokens_per_s": report.get("decode_token_per_sec"), "prompt_tokens": report.get("prompt_tokens"),
             "generated_tokens": report.get("generated_tokens")}
