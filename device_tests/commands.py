@@ -89,6 +89,14 @@ def devices_check_command(args: argparse.Namespace) -> int:
             failed += _check_phone(spec, device)
             continue
         try:
+            if spec.iphone:
+                from .iphone import iphone_facts
+
+                facts = iphone_facts(device, spec)
+                print(f"{spec.name}: {facts['model']} ({spec.iphone}) attached to {spec.host}, {facts['xcode']}, "
+                      f"Benchmark app at {spec.benchmark_app} linked to the work folder, "
+                      f"{facts['free_bytes'] / 1e9:.1f} GB free on the Mac")
+                continue
             facts = board_facts(device, spec)
             runtimes = ", ".join(f"{k} {v}" for k, v in facts["runtimes"].items()) or "none"
             print(f"{spec.name}: reachable, {facts['arch']} {facts['os']} {facts['release']}, Python {facts['python']}, "

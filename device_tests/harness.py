@@ -88,6 +88,11 @@ def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
 
             connection = adb.SshHost(_ssh(spec, settings)) if spec.host else adb.LocalHost()
             result = adb.run_phone(spec, export_folder, data, run_folder, settings, connection, log)
+        elif spec.iphone:
+            from . import iphone
+
+            connection = _ssh(spec, settings)  # the Mac the iPhone is attached to
+            result = iphone.run_iphone(spec, export_folder, data, run_folder, settings, connection, log)
         else:
             connection = _ssh(spec, settings)  # an ssh board, or a Mac (the same runner, with coremltools)
             result = _run_board(connection, spec, export_folder, data, run_folder, settings, log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +35,35 @@ class DeviceSpec:
     adb: str = "adb"  # adb: the adb executable on the host the phone is attached to
     host_workdir: str = "edgeship-work"  # adb over SSH: where files are staged on that host
     timeout: int = 600  # seconds a remote command may take before it is killed
+    iphone: str | None = None  # mac: UDID of an iPhone attached to the Mac; the device is then that iPhone
+    benchmark_app: str | None = None  # mac + iphone: ExecuTorch's Benchmark app folder (Benchmark.xcodeproj)
+    team: str | None = None  # mac + iphone: Apple development team ID that signs the app, when Xcode needs one
+    xcodebuild: str = "xcodebuild"  # mac + iphone: the xcodebuild of the Xcode to use
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _KEYS: dict[str, type] = {"name": str, "transport": str, "host": str, "port": int, "user": str, "key": str,
                           "host_key": str, "python": str, "workdir": str, "targets": list, "serial": str,
-                          "runner": str, "timeout": int, "adb": str, "host_workdir": str}
+                          "runner": str, "timeout": int, "adb": str, "host_workdir": str, "iphone": str,
+                          "benchmark_app": str, "team": str, "xcodebuild": str}
+_IPHONE_KEYS = ("iphone", "benchmark_app", "team", "xcodebuild")
 _REQUIRED = {"ssh": ("host",), "mac": ("host",), "adb": ("serial", "runner")}
+
+
+def _check_iphone(table: dict[str, Any], where: str) -> None:
+    """An iPhone is driven by the Mac it is attached to, through ExecuTorch's Benchmark app."""
+    given = [key for key in _IPHONE_KEYS if key in table]
+    if given and table["transport"] != "mac":
+        raise InventoryError(f"{where}: '{given[0]}' belongs to a mac device (the Mac the iPhone is attached to)")
+    if given and "iphone" not in table:
+        raise InventoryError(f"{where}: '{given[0]}' needs 'iphone', the attached iPhone's UDID")
+    if "iphone" in table:
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{16}|[0-9A-Fa-f]{40}", table["iphone"]):
+            raise InventoryError(f"{where}: iphone '{table['iphone']}' is not a UDID (`xcrun xctrace list devices` "
+                                 "shows it in parentheses, e.g. 00008110-001A2B3C4D5E6F7A)")
+        if "benchmark_app" not in table:
+            raise InventoryError(f"{where}: an iPhone needs 'benchmark_app', the folder of ExecuTorch's Benchmark app "
+                                 "on the Mac (executorch/extension/benchmark/apple/Benchmark)")
 
 
 def load_inventory(path: Path) -> list[DeviceSpec]:
@@ -72,6 +95,7 @@ def load_inventory(path: Path) -> list[DeviceSpec]:
         for key in _REQUIRED[table["transport"]]:
             if key not in table:
                 raise InventoryError(f"{where}: a {table['transport']} device needs '{key}'")
+        _check_iphone(table, where)
         if table["transport"] == "adb" and "host" not in table:
             table = {**table, "host": ""}  # the phone is attached to this machine
         for key in ("workdir", "host_workdir"):

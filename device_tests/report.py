@@ -21,7 +21,7 @@ METRIC_TOLERANCE = {"cosine": 1e-4, "top1": 0.01, "token_agreement": 0.01, "gree
 
 
 _MEASURED = ("kind", "load_ms", "latency_ms", "peak_rss_mb", "metrics", "checks", "ttft_ms", "prefill_tokens_per_s",
-             "decode_tokens_per_s")
+             "decode_tokens_per_s", "generate_tokens_per_s", "note")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -125,6 +125,8 @@ def _speed(row: dict[str, Any]) -> str:
     """Language models: what a chat app feels (tokens/s and time to first token); the p50 columns are per token."""
     if row.get("kind") != "language-model":
         return "-"
+    if row.get("decode_tokens_per_s") is None and row.get("generate_tokens_per_s") is not None:
+        return f"generation {row['generate_tokens_per_s']:.0f} tok/s (prompt included)"  # ExecuTorch's Benchmark app
     return (f"decode {row['decode_tokens_per_s'] or 0:.0f} tok/s, prefill {row['prefill_tokens_per_s'] or 0:.0f} tok/s, "
             f"TTFT {row['ttft_ms'] or 0:.0f} ms")
 
@@ -155,6 +157,7 @@ def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> s
     failed = [r["device"] for r in _device_results(run_folder) if not r.get("ok")]
     lines += ["", f"Failed devices: {', '.join(failed)}" if failed else "All devices passed.", "",
               "p50/p90/p99 are per inference; for language models, per decoded token."]
+    lines += [f"- {row['device']} / {row['artifact']}: {row['note']}" for row in _rows(run_folder) if row.get("note")]
     if comparison is not None:
         lines += ["", f"## Against baseline {Path(comparison.baseline).name}", "",
                   "| device | artifact | p50 before ms | p50 now ms | ratio | regression |", "|---|---|---|---|---|---|"]

@@ -2,8 +2,8 @@
 
 Host keys are verified by default (known_hosts, or a fingerprint pinned in the inventory); trusting a
 new host is an explicit flag. Transient connection failures are retried with backoff; authentication
-and host-key failures are not. Every remote command is wrapped in coreutils ``timeout`` so a hung runner
-is killed on the device, not just abandoned.
+and host-key failures are not. Every remote command runs under a deadline on the device (coreutils'
+``timeout``, or perl on a Mac, which has no ``timeout``) so a hung runner is killed there, not just abandoned.
 """
 
 from __future__ import annotations
@@ -59,6 +59,24 @@ class _PinnedKey:
 
         if fingerprint(key) != self.expected:
             raise paramiko.SSHException(f"host key {fingerprint(key)} does not match the pinned {self.expected}")
+
+
+# What kills a command at its deadline where coreutils' timeout is missing (macOS): perl, which every Mac
+# and Debian has, runs it in a process group of its own and kills that whole group, exiting 124 as timeout does.
+_PERL_DEADLINE = ('my $limit = shift; my $pid = fork; die "fork: $!" unless defined $pid; '
+                  'if ($pid == 0) { setpgrp(0, 0); exec @ARGV or exit 127 } '
+                  '$SIG{ALRM} = sub { kill "TERM", -$pid; sleep 5; kill "KILL", -$pid; exit 124 }; '
+                  'alarm $limit; waitpid($pid, 0); exit($? & 127 ? 128 + ($? & 127) : $? >> 8)')
+
+
+def deadline(command: str, limit: int, *, use_timeout: bool = True) -> str:
+    """``command`` for a remote login shell (bash, dash or a Mac's zsh), killed with everything it started
+    after ``limit`` seconds, exit code 124 then: coreutils' timeout where the device has it, else perl."""
+    q = shlex.quote(command)
+    perl = f"perl -e {shlex.quote(_PERL_DEADLINE)} {limit} sh -c {q}"
+    if not use_timeout:
+        return perl
+    return f"if command -v timeout >/dev/null 2>&1; then timeout -k 5 {limit} sh -c {q}; else {perl}; fi"
 
 
 class SshDevice:
@@ -131,7 +149,7 @@ class SshDevice:
     def run(self, command: str, *, timeout: int | None = None, check: bool = True) -> Completed:
         """Run a shell command (callers quote every value with shlex.quote)."""
         limit = timeout or self.spec.timeout
-        wrapped = f"timeout -k 5 {int(limit)} sh -c {shlex.quote(command)}"
+        wrapped = deadline(command, int(limit))
         try:
             result = self.connection.run(wrapped, hide=True, warn=True, timeout=limit + 15, in_stream=False)
         except Exception as exc:  # invoke's CommandTimedOut, a dropped connection (paramiko/socket)

@@ -120,6 +120,27 @@ def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path) -> Pat
     return folder
 
 
+def export_tiny_lm_pte(root: Path, tokenizer_folder: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, exported to an fp32 .pte (greedy answers exact): the
+    language-model export the fake-device tests run."""
+    from exporter.pipeline import export
+    from exporter.sources import SourceOptions, load_model
+    from exporter.targets import load_target_file
+
+    target = load_target_file(write_target(root, "lm-pte", """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+min_greedy_match = 1.0
+"""))
+    model = load_model(str(make_tiny_lm(root / "tiny-llama", "llama", tokenizer_folder)), SourceOptions(context_len=128))
+    summary = export(target, model, root / "lm-dist")
+    assert summary.ok, [r.record.get("failures") for r in summary.results]
+    return summary.folder
+
+
 def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
     """A random-weight Llama GGUF with Q4_1 linears and a Q8_0 embedding, as llama.cpp writes them,
     with the real SmolLM2 tokenizer copied from the default model's file."""

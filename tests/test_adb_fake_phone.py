@@ -26,9 +26,7 @@ from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
 from tests.boards import keygen, make_board
-from exporter.sources import SourceOptions
-from exporter.targets import load_target_file
-from tests.conftest import MLP, make_tiny_lm, write_target
+from tests.conftest import MLP, export_tiny_lm_pte
 
 FAKES = Path(__file__).parent / "fakes"
 
@@ -282,21 +280,7 @@ def test_fake_phone_attached_to_a_lab_host_reached_over_real_ssh(phones: dict) -
 
 @pytest.fixture(scope="module")
 def tiny_lm_export(phones: dict, smollm2_tokenizer_folder: Path) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, exported to an fp32 .pte (greedy answers exact)."""
-    root = phones["root"]
-    target = load_target_file(write_target(root, "lm-pte", """
-[[artifact]]
-format = "pte"
-quant = "fp32"
-[artifact.parity]
-min_token_agreement = 0.99
-min_greedy_match = 1.0
-"""))
-    model = load_model(str(make_tiny_lm(root / "tiny-llama", "llama", smollm2_tokenizer_folder)),
-                       SourceOptions(context_len=128))
-    summary = export(target, model, root / "lm-dist")
-    assert summary.ok, [r.record.get("failures") for r in summary.results]
-    return summary.folder
+    return export_tiny_lm_pte(phones["root"], smollm2_tokenizer_folder)
 
 
 def test_fake_phone_generates_with_llama_main_and_its_answers_are_compared_on_the_host(
