@@ -93,7 +93,10 @@ def export(
     *,
     only: tuple[str, ...] = (),
     progress: Progress | None = None,
+    parallel: bool = False,
 ) -> ExportSummary:
+    """``parallel``: a language model's litert-torch export (a child process) starts first and converts on
+    another core while this process builds the other artifacts: faster on 2 cores, more memory at once."""
     progress = progress or Progress(quiet=True)
     folder = output_root / target.name / model.name
     specs = [s for s in target.artifacts if not only or s.format.value in only or s.name in only]
@@ -117,28 +120,18 @@ def export(
         golden.save(folder / manifest.GOLDEN)
         bundle = {}
     program: torch.export.ExportedProgram | None = model.program
-
-    results = []
-    for spec in specs:
-        key = artifact_key(model, spec, tools)
-        reused = _reusable(folder, spec, key, previous_records.get(spec.name))
-        if reused is not None:
-            reused = _rejudge(reused, spec)
-            progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
-            results.append(ArtifactResult(spec, reused["status"], reused))
-            continue
-        sibling = _from_other_target(output_root, target.name, model.name, spec, key, folder)
-        if sibling is not None:
-            origin, record = sibling
-            record = _rejudge(record, spec)
-            progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
-                         f"({record['status']})")
-            results.append(ArtifactResult(spec, record["status"], record))
-            continue
-        if program is None and model.language is None:
-            with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
-                program = _trace(model)
-        results.append(_build_one(model, program, spec, folder, golden, key, progress))
+    if parallel and model.language is not None:
+        for spec in specs:
+            key = artifact_key(model, spec, tools)
+            if (spec.format.value == "tflite" and _reusable(folder, spec, key, previous_records.get(spec.name)) is None
+                    and _built_for_other_target(output_root, target.name, model.name, spec, key) is None):
+                format_module("tflite").start_decoder(model, spec, folder)
+                progress.say(f"{spec.filename}: litert-torch's export started in a child process, beside the others")
+    try:
+        results = _build_all(model, program, specs, folder, golden, tools, previous_records, output_root, target,
+                             progress)
+    finally:
+        format_module("tflite").cancel_started()  # any export started ahead and not collected
 
     # Artifacts of this target that were not rebuilt this time keep their previous records.
     done = {r.spec.name for r in results}
@@ -164,6 +157,36 @@ def export(
         "artifacts": records,
     })
     return ExportSummary(folder, results, reference)
+
+
+def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, specs: list[ArtifactSpec],
+               folder: Path, golden: Golden | lm_parity.Reference, tools: dict[str, str],
+               previous_records: dict[str, Any], output_root: Path, target: Target,
+               progress: Progress) -> list[ArtifactResult]:
+    """Each artifact in the target's order: reused if unchanged, copied if another target built it, else built."""
+    results = []
+    for spec in specs:
+        key = artifact_key(model, spec, tools)
+        reused = _reusable(folder, spec, key, previous_records.get(spec.name))
+        if reused is not None:
+            reused = _rejudge(reused, spec)
+            progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
+            results.append(ArtifactResult(spec, reused["status"], reused))
+            continue
+        sibling = _from_other_target(output_root, target.name, model.name, spec, key, folder)
+        if sibling is not None:
+            origin, record = sibling
+            record = _rejudge(record, spec)
+            progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
+                         f"({record['status']})")
+            results.append(ArtifactResult(spec, record["status"], record))
+            continue
+        if program is None and model.language is None:
+            with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
+                program = _trace(model)
+        results.append(_build_one(model, program, spec, folder, golden, key, progress))
+
+    return results
 
 
 def _measure_language_model(fmt: Any, spec: ArtifactSpec, path: Path, ref: lm_parity.Reference,
@@ -229,6 +252,26 @@ def _from_other_target(output_root: Path, target: str, model_name: str, spec: Ar
                        folder: Path) -> tuple[str, dict[str, Any]] | None:
     """An identical artifact (same key: model, spec, toolchain, data) that another target's export of this
     model already built and checked: copied into this target's folder instead of converted again."""
+    found = _built_for_other_target(output_root, target, model_name, spec, key)
+    if found is None:
+        return None
+    other, record = found
+    names = [spec.filename, *(c["file"] for c in record.get("companions", []))]
+    with files.staging(folder) as stage:
+        for name in names:
+            source = other / name
+            if source.is_dir():  # a .mlpackage is a folder
+                shutil.copytree(source, stage / name)
+            else:
+                shutil.copy2(source, stage / name)
+        for name in names:
+            files.replace(stage / name, folder / name)
+    return other.parent.name, {**record, "copied_from_target": other.parent.name}
+
+
+def _built_for_other_target(output_root: Path, target: str, model_name: str, spec: ArtifactSpec,
+                            key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The other target's export folder and record holding this very artifact, intact (companions too)."""
     for manifest_path in sorted(output_root.glob(f"*/{model_name}/{manifest.MANIFEST}")):
         other = manifest_path.parent
         if other.parent.name == target:
@@ -240,16 +283,7 @@ def _from_other_target(output_root: Path, target: str, model_name: str, spec: Ar
         companions = record.get("companions", [])
         if any(not (other / c["file"]).exists() or files.sha256_of(other / c["file"]) != c["sha256"] for c in companions):
             continue
-        with files.staging(folder) as stage:
-            for name in [spec.filename, *(c["file"] for c in companions)]:
-                source = other / name
-                if source.is_dir():  # a .mlpackage is a folder
-                    shutil.copytree(source, stage / name)
-                else:
-                    shutil.copy2(source, stage / name)
-            for name in [spec.filename, *(c["file"] for c in companions)]:
-                files.replace(stage / name, folder / name)
-        return other.parent.name, {**record, "copied_from_target": other.parent.name}
+        return other, record
     return None
 
 

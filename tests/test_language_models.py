@@ -57,6 +57,24 @@ def test_tiny_language_model_exports_to_pte_and_tflite_and_generates_like_eager(
         assert record["parity"]["metrics"]["greedy_match"] == 1.0
 
 
+
+def test_parallel_export_runs_litert_beside_the_pte_and_builds_the_same_artifacts(
+    tiny_lms: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.formats import tflite
+
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
+    summary = export(target, model, tmp_path / "dist", parallel=True)
+    assert summary.ok, [(r.record["name"], r.record.get("error")) for r in summary.results]
+    assert [r.record["parity"]["metrics"]["greedy_match"] for r in summary.results] == [1.0, 1.0]
+    assert (summary.folder / "litert-fp32.litertlm").is_file()
+    assert not list(summary.folder.glob(".staging-*")) and not tflite._started  # collected, nothing left behind
+    launched = []
+    monkeypatch.setattr(tflite, "_launch", lambda *a: launched.append(a))
+    again = export(target, model, tmp_path / "dist", parallel=True)  # unchanged: nothing is started ahead
+    assert again.ok and launched == []
+
 def test_int8_pte_with_quantised_embedding_reports_every_layer(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
     target = load_target_file(write_target(tmp_path, "int8", """
 [[artifact]]

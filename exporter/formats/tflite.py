@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,56 @@ with contextlib.redirect_stdout(io.StringIO()):
 """
 
 
+@dataclass
+class _Running:
+    """litert-torch's exporter in its child process, and the folder it writes into."""
+
+    process: subprocess.Popen
+    work: Path
+
+    def finish(self) -> tuple[int, str]:
+        code = self.process.wait()
+        log = self.work / "stderr.txt"
+        return code, log.read_text(errors="replace") if log.is_file() else ""
+
+    def cancel(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+_started: dict[tuple[str, str], _Running] = {}  # exports started ahead (--parallel), by (model, artifact file)
+
+
+def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
+    language = model.language
+    args = {"folder": str(_hf_folder(model, spec.smoothing)), "work": str(work), "recipe": _recipe(spec),
+            "prefill": min(PREFILL_LENGTH, language.max_context - 1), "cache": language.max_context}
+    with open(work / "stderr.txt", "w") as log:  # a file, not a pipe: nobody reads a pipe while it runs ahead
+        process = subprocess.Popen([sys.executable, "-c", _EXPORT_HF, json.dumps(args)], stdout=subprocess.DEVNULL,
+                                   stderr=log)
+    return _Running(process, work)
+
+
+def start_decoder(model: LoadedModel, spec: ArtifactSpec, folder: Path) -> None:
+    """Start litert-torch's export of a language model now, so that its child process converts on the
+    second core while this process builds the other artifacts; build_decoder collects it."""
+    if model.language is None or model.language.architecture not in LITERT_LM_ARCHITECTURES:
+        return
+    if (model.fingerprint, spec.filename) not in _started:
+        work = Path(tempfile.mkdtemp(prefix=".staging-litert-", dir=folder))  # removed by the next run if killed
+        _started[(model.fingerprint, spec.filename)] = _launch(model, spec, work)
+
+
+def cancel_started() -> None:
+    """Stop exports started ahead that the pipeline did not collect (it failed, or reused the artifact)."""
+    while _started:
+        _started.popitem()[1].cancel()
+
+
+atexit.register(cancel_started)
+
+
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
     """Prefill/decode signatures with an external KV cache, and the .litertlm bundle LiteRT-LM apps load."""
     if model.language.architecture not in LITERT_LM_ARCHITECTURES:
@@ -278,14 +329,14 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
                                              "the .pte artifacts cover this model")
     recipe = _recipe(spec)
     language = model.language
-    work = Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent))
-    args = {"folder": str(_hf_folder(model, spec.smoothing)), "work": str(work), "recipe": recipe,
-            "prefill": min(PREFILL_LENGTH, language.max_context - 1), "cache": language.max_context}
-    done = subprocess.run([sys.executable, "-c", _EXPORT_HF, json.dumps(args)], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        text = (lines[-1] if lines else f"exit code {done.returncode}")[:300]
+    running = _started.pop((model.fingerprint, spec.filename), None)
+    if running is None:
+        running = _launch(model, spec, Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent)))
+    code, stderr = running.finish()
+    work = running.work
+    if code != 0:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        text = (lines[-1] if lines else f"exit code {code}")[:300]
         shutil.rmtree(work, ignore_errors=True)
         raise ConversionError(spec.filename, f"litert-torch could not export the language model: {text}")
     produced = work / ("model_quantized.tflite" if recipe else "model.tflite")
