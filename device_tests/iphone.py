@@ -223,7 +223,8 @@ def run_iphone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
         raise DeviceError(f"{spec.name}: only {facts['free_bytes'] / 1e6:.1f} MB free in {spec.workdir} on the Mac, "
                           f"the artifacts need {need * 2 / 1e6:.1f} MB there (cache and app bundle)")
     cached = {name: _remote(spec, "cache", f"{digest}{Path(name).suffix}") for name, digest in to_cache.items()}
-    listed = mac.run(f"shasum -a 256 {' '.join(q(p) for p in cached.values())} 2>/dev/null || true", timeout=300).stdout
+    paths = " ".join(q(p) for p in cached.values())  # shasum on a Mac; sha256sum where perl's shasum is absent
+    listed = mac.run(f"(shasum -a 256 {paths} || sha256sum {paths}) 2>/dev/null || true", timeout=300).stdout
     have = {path: digest for digest, path in (line.split(None, 1) for line in listed.splitlines() if " " in line)}
     pushed, skipped = [], []
     for name, digest in to_cache.items():
