@@ -72,7 +72,8 @@ def plan(data: dict[str, Any], facts: dict[str, Any], device: DeviceSpec) -> lis
     return runnable
 
 
-def _remote(device: DeviceSpec, *parts: str) -> str:
+def remote_path(device: DeviceSpec, *parts: str) -> str:
+    """A path inside the device's work folder."""
     return "/".join([device.workdir.rstrip("/"), *parts])
 
 
@@ -133,21 +134,21 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
         raise DeviceError(f"{spec.name}: only {facts['free_bytes'] / 1e6:.1f} MB free in {spec.workdir}, "
                           f"the artifacts need {need / 1e6:.1f} MB")
     cached = {f"{sha}{Path(name).suffix}" for name, sha in to_push.items()}
-    remote_paths = " ".join(q(_remote(spec, "cache", c)) for c in sorted(cached))
-    have = json.loads(device.run(f"{python} {q(_remote(spec, 'runner.py'))} --hashes {remote_paths}").stdout)
+    remote_paths = " ".join(q(remote_path(spec, "cache", c)) for c in sorted(cached))
+    have = json.loads(device.run(f"{python} {q(remote_path(spec, 'runner.py'))} --hashes {remote_paths}").stdout)
     pushed, skipped = [], []
     for name, sha in to_push.items():
-        remote = _remote(spec, "cache", f"{sha}{Path(name).suffix}")
+        remote = remote_path(spec, "cache", f"{sha}{Path(name).suffix}")
         if have.get(remote) == sha:
             skipped.append(name)
             continue
         push(device, export_folder / name, remote, run_folder)
         pushed.append(name)
     log.append(f"pushed {pushed}, already there {skipped}")
-    job_dir = _remote(spec, f"run-{run_folder.name}")
+    job_dir = remote_path(spec, f"run-{run_folder.name}")
     device.run(f"mkdir -p {q(job_dir)}")
     for name, sha in to_push.items():  # the job sees the artifacts under their own names
-        device.run(f"ln -sf {q(_remote(spec, 'cache', sha + Path(name).suffix))} {q(job_dir + '/' + name)}")
+        device.run(f"ln -sf {q(remote_path(spec, 'cache', sha + Path(name).suffix))} {q(job_dir + '/' + name)}")
     model = data["model"]
     job = {"workdir": job_dir, "kind": data["golden"].get("kind", "tensors"),
            "inputs": [i["name"] for i in model["inputs"]], "outputs": model["outputs"],
@@ -175,9 +176,9 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
 def board_facts(device: SshDevice, spec: DeviceSpec) -> dict[str, Any]:
     """Push runner.py into the work folder and read the device's facts; a "mac" must run macOS."""
     q = shlex.quote
-    device.run(f"mkdir -p {q(_remote(spec, 'cache'))}")
-    device.put(Path(runner_module.__file__), _remote(spec, "runner.py"))
-    facts = json.loads(device.run(f"{q(spec.python)} {q(_remote(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
+    device.run(f"mkdir -p {q(remote_path(spec, 'cache'))}")
+    device.put(Path(runner_module.__file__), remote_path(spec, "runner.py"))
+    facts = json.loads(device.run(f"{q(spec.python)} {q(remote_path(spec, 'runner.py'))} --facts {q(spec.workdir)}").stdout)
     if spec.transport == "mac" and facts.get("os") != "Darwin":
         raise DeviceError(f"{spec.name}: {spec.host} runs {facts.get('os')}, not macOS; Core ML needs a Mac "
                           "(use transport = \"ssh\" for this device)")

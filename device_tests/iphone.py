@@ -26,7 +26,7 @@ from exporter import files
 from exporter.errors import DeviceError
 
 from . import runner as device_runner
-from .harness import push
+from .harness import push, remote_path
 from .inventory import DeviceSpec
 from .transport import RemoteCommandError, SshDevice
 
@@ -38,10 +38,6 @@ LM_TESTS, TENSOR_TESTS = "LLMTests", "GenericTests"
 CLOCK, MEMORY, TOKENS = "Clock Monotonic Time, s", "Memory Peak Physical, kB", "Tokens Per Second, t/s"
 CORRECTNESS_NOTE = ("correctness is not measured on the iPhone: ExecuTorch's Benchmark app feeds its own inputs; "
                     "this artifact's outputs are checked at export and on a mac device")
-
-
-def _remote(spec: DeviceSpec, *parts: str) -> str:
-    return "/".join([spec.workdir.rstrip("/"), *parts])
 
 
 # -- what the Mac says about the iPhone -------------------------------------------------------------
@@ -71,13 +67,13 @@ def iphone_facts(mac: SshDevice, spec: DeviceSpec) -> dict[str, Any]:
     free space in the work folder."""
     q = shlex.quote
     app = (spec.benchmark_app or "").rstrip("/")
-    resources = _remote(spec, RESOURCES)
+    resources = remote_path(spec, RESOURCES)
     try:
         version = mac.run(f"{q(spec.xcodebuild)} -version", timeout=60).stdout.split("\n")[0].strip()
     except RemoteCommandError as exc:
         raise DeviceError(f"{spec.name}: no working xcodebuild on {spec.host} ({exc.output.strip()[-200:]}); install "
                           "Xcode and run `sudo xcode-select -s /Applications/Xcode.app`, or set 'xcodebuild'") from exc
-    listing = mac.run(f"mkdir -p {q(resources)} {q(_remote(spec, 'cache'))} && cd {q(resources)} && pwd -P && "
+    listing = mac.run(f"mkdir -p {q(resources)} {q(remote_path(spec, 'cache'))} && cd {q(resources)} && pwd -P && "
                       f"(cd {q(app + '/Resources')} 2>/dev/null && pwd -P || echo no-resources-folder) && "
                       f"ls -d {q(app + '/' + PROJECT)} 2>/dev/null || echo no-project; df -k {q(spec.workdir)}",
                       timeout=60).stdout.splitlines()
@@ -115,7 +111,7 @@ def xcodebuild_test_command(spec: DeviceSpec, test_class: str, result_bundle: st
     app = (spec.benchmark_app or "").rstrip("/")
     parts = [spec.xcodebuild, "test", "-project", f"{app}/{PROJECT}", "-scheme", SCHEME,
              "-destination", f"platform=iOS,id={spec.iphone}", f"-only-testing:{TEST_TARGET}/{test_class}",
-             "-parallel-testing-enabled", "NO", "-derivedDataPath", _remote(spec, "xcode"),
+             "-parallel-testing-enabled", "NO", "-derivedDataPath", remote_path(spec, "xcode"),
              "-resultBundlePath", result_bundle]
     if spec.team:
         parts += ["-allowProvisioningUpdates", f"DEVELOPMENT_TEAM={spec.team}"]
@@ -222,7 +218,7 @@ def run_iphone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
     if facts["free_bytes"] < need * 2.1:  # the cache, and Xcode's copy of the resources into the app
         raise DeviceError(f"{spec.name}: only {facts['free_bytes'] / 1e6:.1f} MB free in {spec.workdir} on the Mac, "
                           f"the artifacts need {need * 2 / 1e6:.1f} MB there (cache and app bundle)")
-    cached = {name: _remote(spec, "cache", f"{digest}{Path(name).suffix}") for name, digest in to_cache.items()}
+    cached = {name: remote_path(spec, "cache", f"{digest}{Path(name).suffix}") for name, digest in to_cache.items()}
     paths = " ".join(q(p) for p in cached.values())  # shasum on a Mac; sha256sum where perl's shasum is absent
     listed = mac.run(f"(shasum -a 256 {paths} || sha256sum {paths}) 2>/dev/null || true", timeout=300).stdout
     have = {path: digest for digest, path in (line.split(None, 1) for line in listed.splitlines() if " " in line)}
@@ -234,8 +230,8 @@ def run_iphone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
         push(mac, export_folder / name, cached[name], run_folder)
         pushed.append(name)
     log.append(f"pushed {pushed}, already there {skipped}")
-    run_dir = _remote(spec, f"run-{run_folder.name}")
-    resources = _remote(spec, RESOURCES)
+    run_dir = remote_path(spec, f"run-{run_folder.name}")
+    resources = remote_path(spec, RESOURCES)
     local_dir = run_folder / f"{spec.name}.outputs"
     local_dir.mkdir(exist_ok=True)
     mac.run(f"mkdir -p {q(run_dir)}")

@@ -146,7 +146,8 @@ def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> s
              f"{run['manifest_sha256'][:12]}), runner v{run['runner_version']}, started {run['started']}.", "",
              "| device | artifact | load ms | p50 ms | p90 ms | p99 ms | peak RSS MB | tokens | metrics | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in _rows(run_folder):
+    rows = _rows(run_folder)
+    for row in rows:
         if "latency_ms" not in row:
             lines.append(f"| {row['device']} | {row['artifact'] or '-'} | | | | | | | | {_verdict(row)} |")
             continue
@@ -157,7 +158,7 @@ def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> s
     failed = [r["device"] for r in _device_results(run_folder) if not r.get("ok")]
     lines += ["", f"Failed devices: {', '.join(failed)}" if failed else "All devices passed.", "",
               "p50/p90/p99 are per inference; for language models, per decoded token."]
-    lines += [f"- {row['device']} / {row['artifact']}: {row['note']}" for row in _rows(run_folder) if row.get("note")]
+    lines += [f"- {row['device']} / {row['artifact']}: {row['note']}" for row in rows if row.get("note")]
     if comparison is not None:
         lines += ["", f"## Against baseline {Path(comparison.baseline).name}", "",
                   "| device | artifact | p50 before ms | p50 now ms | ratio | regression |", "|---|---|---|---|---|---|"]

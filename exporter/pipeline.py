@@ -120,16 +120,16 @@ def export(
         golden.save(folder / manifest.GOLDEN)
         bundle = {}
     program: torch.export.ExportedProgram | None = model.program
+    # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
+    plans = [_plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
+             for spec in specs]
     if parallel and model.language is not None:
-        for spec in specs:
-            key = artifact_key(model, spec, tools)
-            if (spec.format.value == "tflite" and _reusable(folder, spec, key, previous_records.get(spec.name)) is None
-                    and _built_for_other_target(output_root, target.name, model.name, spec, key) is None):
-                format_module("tflite").start_decoder(model, spec, folder)
-                progress.say(f"{spec.filename}: litert-torch's export started in a child process, beside the others")
+        for plan in plans:
+            if plan.spec.format.value == "tflite" and plan.builds:
+                format_module("tflite").start_decoder(model, plan.spec, folder)
+                progress.say(f"{plan.spec.filename}: litert-torch's export started in a child process, beside the others")
     try:
-        results = _build_all(model, program, specs, folder, golden, tools, previous_records, output_root, target,
-                             progress)
+        results = _build_all(model, program, plans, folder, golden, progress)
     finally:
         format_module("tflite").cancel_started()  # any export started ahead and not collected
 
@@ -159,23 +159,39 @@ def export(
     return ExportSummary(folder, results, reference)
 
 
-def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, specs: list[ArtifactSpec],
-               folder: Path, golden: Golden | lm_parity.Reference, tools: dict[str, str],
-               previous_records: dict[str, Any], output_root: Path, target: Target,
-               progress: Progress) -> list[ArtifactResult]:
+@dataclass
+class _Plan:
+    spec: ArtifactSpec
+    key: str
+    reused: dict[str, Any] | None  # this folder's intact artifact with the same key
+    elsewhere: tuple[Path, dict[str, Any]] | None  # another target's intact artifact with the same key
+
+    @property
+    def builds(self) -> bool:
+        return self.reused is None and self.elsewhere is None
+
+
+def _plan(model: LoadedModel, spec: ArtifactSpec, tools: dict[str, str], folder: Path, previous: dict[str, Any] | None,
+          output_root: Path, target: str) -> _Plan:
+    key = artifact_key(model, spec, tools)
+    reused = _reusable(folder, spec, key, previous)
+    elsewhere = None if reused is not None else _built_for_other_target(output_root, target, model.name, spec, key)
+    return _Plan(spec, key, reused, elsewhere)
+
+
+def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, plans: list[_Plan], folder: Path,
+               golden: Golden | lm_parity.Reference, progress: Progress) -> list[ArtifactResult]:
     """Each artifact in the target's order: reused if unchanged, copied if another target built it, else built."""
     results = []
-    for spec in specs:
-        key = artifact_key(model, spec, tools)
-        reused = _reusable(folder, spec, key, previous_records.get(spec.name))
-        if reused is not None:
-            reused = _rejudge(reused, spec)
+    for plan in plans:
+        spec = plan.spec
+        if plan.reused is not None:
+            reused = _rejudge(plan.reused, spec)
             progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
             results.append(ArtifactResult(spec, reused["status"], reused))
             continue
-        sibling = _from_other_target(output_root, target.name, model.name, spec, key, folder)
-        if sibling is not None:
-            origin, record = sibling
+        if plan.elsewhere is not None:
+            origin, record = _copy_from_other_target(plan.elsewhere, spec, folder)
             record = _rejudge(record, spec)
             progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
                          f"({record['status']})")
@@ -184,8 +200,7 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
         if program is None and model.language is None:
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
-        results.append(_build_one(model, program, spec, folder, golden, key, progress))
-
+        results.append(_build_one(model, program, spec, folder, golden, plan.key, progress))
     return results
 
 
@@ -248,13 +263,10 @@ def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any]
     return record
 
 
-def _from_other_target(output_root: Path, target: str, model_name: str, spec: ArtifactSpec, key: str,
-                       folder: Path) -> tuple[str, dict[str, Any]] | None:
+def _copy_from_other_target(found: tuple[Path, dict[str, Any]], spec: ArtifactSpec,
+                            folder: Path) -> tuple[str, dict[str, Any]]:
     """An identical artifact (same key: model, spec, toolchain, data) that another target's export of this
     model already built and checked: copied into this target's folder instead of converted again."""
-    found = _built_for_other_target(output_root, target, model_name, spec, key)
-    if found is None:
-        return None
     other, record = found
     names = [spec.filename, *(c["file"] for c in record.get("companions", []))]
     with files.staging(folder) as stage:

@@ -280,8 +280,7 @@ class _Running:
 
     def finish(self) -> tuple[int, str]:
         code = self.process.wait()
-        log = self.work / "stderr.txt"
-        return code, log.read_text(errors="replace") if log.is_file() else ""
+        return code, (self.work / "stderr.txt").read_text(errors="replace")
 
     def cancel(self) -> None:
         self.process.kill()
