@@ -17,6 +17,7 @@ from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
+from .xnnpack_linears import retrace_friendly
 
 # "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
 _OP_PATTERN = re.compile(r"\baten(?:::|\.)\w+(?:\.\w+)?|\b[a-z_][a-z0-9_]*::\w+")
@@ -112,6 +113,8 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
     assert program is not None  # the pipeline traces once for every non-language model
     module, layers = quantise(model.module, spec)
     if module is not model.module:
+        if spec.backend == "xnnpack":
+            retrace_friendly(module)
         try:
             program = torch.export.export(module, model.sample_inputs, strict=False)
         except Exception as exc:
@@ -273,6 +276,8 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
                                     f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
     layers += _quantise_linears(decoder, spec, carried)
+    if spec.backend == "xnnpack":
+        retrace_friendly(decoder)
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
     seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
     try:
