@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from exporter.formats import pte
-from exporter.formats.xnnpack_linears import DynamicInt8Linear, retrace_friendly
+from exporter.formats.xnnpack_linears import DynamicQuantLinear, retrace_friendly
 from exporter.targets import load_target_file
 from tests.conftest import write_target
 from tests.models import build_mlp
@@ -31,14 +31,17 @@ def _graph_ops(program: torch.export.ExportedProgram) -> set[str]:
     return {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
 
 
-def test_swapped_program_computes_exactly_what_torchao_s_program_computes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("quant", "group", "swapped"), [("int8-dynamic", "", 5), ("8da4w", "group_size = 32", 4)])
+def test_swapped_program_computes_exactly_what_torchao_s_program_computes(
+    tmp_path: Path, quant: str, group: str, swapped: int
+) -> None:
     model, inputs = build_mlp()
-    spec = _spec(tmp_path, "int8-dynamic")
-    quantised, _ = pte.quantise(model.eval(), spec)
+    spec = _spec(tmp_path, quant, group)
+    quantised, plan = pte.quantise(model.eval(), spec)
     programs = {"torchao": torch.export.export(quantised, inputs, strict=False)}
-    swapped = retrace_friendly(quantised)
-    assert swapped == 5  # every linear of the Mlp: per-channel int8 takes any width
-    assert all(isinstance(m, DynamicInt8Linear) for m in (quantised.embed, quantised.block[0], quantised.odd))
+    # int8 per channel takes every width; 4-bit groups of 32 leave the 10-wide layer float
+    assert retrace_friendly(quantised) == swapped == sum(d.quantised for d in plan)
+    assert isinstance(quantised.embed, DynamicQuantLinear) and isinstance(quantised.block[0], DynamicQuantLinear)
     programs["swapped"] = torch.export.export(quantised, inputs, strict=False)
     assert not any("torchao" in op for op in _graph_ops(programs["swapped"]))
     assert any("torchao" in op for op in _graph_ops(programs["torchao"]))  # the test compares two different graphs
@@ -53,32 +56,32 @@ def test_swapped_program_computes_exactly_what_torchao_s_program_computes(tmp_pa
     # XNNPACK gets the same integers, scales and dynamic-quantisation pattern: bit-identical results.
     np.testing.assert_array_equal(outputs["swapped"], outputs["torchao"])
     eager = model(*inputs).detach().numpy()
-    assert np.abs(outputs["swapped"] - eager).max() < 0.05 * np.abs(eager).max()
+    assert np.abs(outputs["swapped"] - eager).max() < 0.1 * np.abs(eager).max()
 
 
-def test_grouped_four_bit_linears_are_left_to_torchao(tmp_path: Path) -> None:
+def test_float_linears_are_left_as_they_are() -> None:
     model, _ = build_mlp()
-    quantised, plan = pte.quantise(model.eval(), _spec(tmp_path, "8da4w", "group_size = 32"))
-    assert any(d.quantised for d in plan)
-    assert retrace_friendly(quantised) == 0
-    assert not any(isinstance(m, DynamicInt8Linear) for m in quantised.modules())
+    assert retrace_friendly(model) == 0
+    assert not any(isinstance(m, DynamicQuantLinear) for m in model.modules())
 
 
-def test_eager_forward_matches_torchao_s_eager_forward(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("quant", "group"), [("int8-dynamic", ""), ("8da4w", "group_size = 32")])
+def test_eager_forward_matches_torchao_s_eager_forward(tmp_path: Path, quant: str, group: str) -> None:
     model, inputs = build_mlp()
-    quantised, _ = pte.quantise(model.eval(), _spec(tmp_path, "int8-dynamic"))
+    quantised, _ = pte.quantise(model.eval(), _spec(tmp_path, quant, group))
     expected = quantised(*inputs)
     retrace_friendly(quantised)
     torch.testing.assert_close(quantised(*inputs), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_dynamic_int8_linear_is_the_dequantised_weight_times_the_quantised_input(bias: bool) -> None:
+@pytest.mark.parametrize(("bits", "groups", "bias"), [(8, 1, True), (8, 1, False), (4, 2, True), (8, 4, False)])
+def test_dynamic_quant_linear_is_the_dequantised_weight_times_the_quantised_input(bits: int, groups: int, bias: bool) -> None:
     torch.manual_seed(0)
-    q = torch.randint(-128, 128, (6, 16), dtype=torch.int8)
-    scale = torch.rand(6) * 0.01 + 0.001
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (6, 16), dtype=torch.int8)
+    scale = torch.rand(6, groups) * 0.01 + 0.001
     b = torch.randn(6) if bias else None
     x = torch.randn(3, 16)
-    layer = DynamicInt8Linear(q, scale, b)
-    reference = torch.nn.functional.linear(x, q.float() * scale[:, None], b)
+    layer = DynamicQuantLinear(q, scale, b, bits)
+    weight = q.float() * scale.repeat_interleave(16 // groups, dim=1)
+    reference = torch.nn.functional.linear(x, weight, b)
     torch.testing.assert_close(layer(x), reference, rtol=0, atol=0.02 * reference.abs().max().item())
