@@ -26,16 +26,17 @@ def tree(root: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def sample(processes: list[psutil.Process]) -> tuple[int, int, int]:
-    """(sum of RSS, sum of PSS, largest RSS) in bytes over the processes still alive."""
-    rss = pss = largest = 0
+def sample(processes: list[psutil.Process]) -> tuple[int, int, dict[int, int]]:
+    """(sum of RSS, sum of PSS, RSS by pid) in bytes over the processes still alive."""
+    rss = pss = 0
+    by_pid: dict[int, int] = {}
     for process in processes:
         try:
             info = process.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        rss, pss, largest = rss + info.rss, pss + info.pss, max(largest, info.rss)
-    return rss, pss, largest
+        rss, pss, by_pid[process.pid] = rss + info.rss, pss + info.pss, info.rss
+    return rss, pss, by_pid
 
 
 def main(argv: list[str]) -> int:
@@ -43,17 +44,21 @@ def main(argv: list[str]) -> int:
     began = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(child.pid)
-    peak_rss = peak_pss = peak_single = 0
+    peak_rss = peak_pss = peak_parent = peak_other = 0
     while child.poll() is None:
-        rss, pss, largest = sample(tree(root))
-        peak_rss, peak_pss, peak_single = max(peak_rss, rss), max(peak_pss, pss), max(peak_single, largest)
+        rss, pss, by_pid = sample(tree(root))
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        peak_parent = max(peak_parent, by_pid.pop(child.pid, 0))
+        peak_other = max(peak_other, *by_pid.values(), 0)
         time.sleep(0.5)
     wall = time.perf_counter() - began
     stderr = child.stderr.read() if child.stderr else ""
     steps = [line for line in stderr.splitlines() if line.startswith("[") and " done in " in line]
     result = {"command": " ".join(command[1:]), "exit": child.returncode, "wall_s": round(wall, 1),
               "peak_tree_rss_gib": round(peak_rss / 2**30, 2), "peak_tree_pss_gib": round(peak_pss / 2**30, 2),
-              "peak_single_process_rss_gib": round(peak_single / 2**30, 2), "steps": steps}
+              "peak_single_process_rss_gib": round(max(peak_parent, peak_other) / 2**30, 2),
+              "peak_edgeship_process_rss_gib": round(peak_parent / 2**30, 2),
+              "peak_child_process_rss_gib": round(peak_other / 2**30, 2), "steps": steps}
     print(json.dumps(result, indent=1))
     return child.returncode
 
