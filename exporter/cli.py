@@ -51,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--batch-size", type=int, default=1, help="batch size of the exported inputs")
     export.add_argument("--context-len", type=int, default=None,
                         help="language models: KV-cache length, prompt plus generated tokens (default 512)")
-    export.add_argument("--parallel", action="store_true",
-                        help="language models: run litert-torch's export (a child process) beside the .pte build; "
-                             "faster on 2+ cores, more memory at once (see README, Export time and memory)")
+    export.add_argument("--sequential", action="store_true",
+                        help="language models: build the .pte first and start litert-torch's export (a child "
+                             "process) after it, instead of beside it; for a machine with one core")
     export.add_argument("--quiet", "-q", action="store_true", help="no progress lines, only the summary")
 
     commands.add_parser("targets", help="list targets and the artifacts each produces")

@@ -41,7 +41,7 @@ def export_command(args: argparse.Namespace) -> int:
         model = load_model(spec, SourceOptions(seq_len=args.seq_len, batch_size=args.batch_size,
                                                context_len=args.context_len))
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
-    summary = export(target, model, Path(args.output), only=only, progress=progress, parallel=args.parallel)
+    summary = export(target, model, Path(args.output), only=only, progress=progress, parallel=not args.sequential)
     print(render_table([r.record for r in summary.results], summary.fp32_bytes))
     print(f"\n{summary.folder}/{manifest.MANIFEST}")
     failed = [r for r in summary.results if not r.ok]

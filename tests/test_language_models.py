@@ -58,22 +58,45 @@ def test_tiny_language_model_exports_to_pte_and_tflite_and_generates_like_eager(
 
 
 
-def test_parallel_export_runs_litert_beside_the_pte_and_builds_the_same_artifacts(
+def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_artifacts(
     tiny_lms: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exporter.formats import tflite
+    from exporter.formats import pte, tflite
 
+    events: list[str] = []
+    real_launch, real_build = tflite._launch, pte.build
+
+    def launch(*args):  # the real ones, noting when each happened
+        events.append("litert started")
+        return real_launch(*args)
+
+    def build(*args):
+        built = real_build(*args)
+        events.append(".pte built")
+        return built
+
+    monkeypatch.setattr(tflite, "_launch", launch)
+    monkeypatch.setattr(pte, "build", build)
     target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
     model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
-    summary = export(target, model, tmp_path / "dist", parallel=True)
+    summary = export(target, model, tmp_path / "dist")
     assert summary.ok, [(r.record["name"], r.record.get("error")) for r in summary.results]
     assert [r.record["parity"]["metrics"]["greedy_match"] for r in summary.results] == [1.0, 1.0]
+    assert events == ["litert started", ".pte built"]
     assert (summary.folder / "litert-fp32.litertlm").is_file()
     assert not list(summary.folder.glob(".staging-*")) and not tflite._started  # collected, nothing left behind
-    launched = []
-    monkeypatch.setattr(tflite, "_launch", lambda *a: launched.append(a))
-    again = export(target, model, tmp_path / "dist", parallel=True)  # unchanged: nothing is started ahead
-    assert again.ok and launched == []
+    again = export(target, model, tmp_path / "dist")  # unchanged: nothing is started ahead
+    assert again.ok and events == ["litert started", ".pte built"]
+
+
+def test_sequential_flag_builds_the_pte_before_starting_litert(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    target = write_target(tmp_path, "float", FLOAT_BOTH)
+    result = run_cli("export", "-t", str(target), "-m", str(tiny_lms["llama"]), "--context-len", "128",
+                     "-o", str(tmp_path / "dist"), "--sequential")
+    assert result.returncode == 0, result.stderr
+    assert "passed" in result.stdout and "litert-fp32.tflite" in result.stdout
+    assert "beside the others" not in result.stderr  # the line the concurrent start prints
+
 
 def test_int8_pte_with_quantised_embedding_reports_every_layer(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
     target = load_target_file(write_target(tmp_path, "int8", """
