@@ -262,7 +262,7 @@ def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
 # (an int8 export left later ExecuTorch lowerings of Qwen/Phi models failing in the same process), and
 # its peak memory is returned to the system when it exits. Its lightweight conversion reads constants
 # lazily: on the default model the child peaks at 2.63 GiB instead of 3.70 and takes 66 s instead of 79,
-# with the same ops and the same top-1/KL/greedy numbers (session 6, README "Export time and memory").
+# with the same ops and the same top-1/KL/greedy numbers (session 6, README "Against the issue's goals").
 _EXPORT_HF = """
 import contextlib, io, json, sys
 from litert_torch.generative.export_hf import export as export_hf

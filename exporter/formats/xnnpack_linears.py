@@ -65,8 +65,8 @@ def _integers_and_scales(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def retrace_friendly(module: nn.Module) -> int:
-    """Swap every torchao int8-dynamic linear in ``module`` (int8 per channel, or int4/int8 in groups)
-    for DynamicQuantLinear, in place; returns how many were swapped. Float linears stay as they are."""
+    """Swap every torchao linear with int8 per-token activations in ``module`` (int8 weights per channel,
+    or int4/int8 in groups) for DynamicQuantLinear, in place; returns how many were swapped. Float linears stay as they are."""
     swapped = 0
     for name, layer in list(module.named_modules()):
         if not isinstance(layer, nn.Linear):

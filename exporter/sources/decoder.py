@@ -174,7 +174,7 @@ def _gguf_parsed_once() -> Iterator[None]:
 
     transformers parses the whole GGUF again for the config, the tokenizer and the weights, and builds
     a tensor-name map for every module it visits; parsing the 49k-entry vocabulary four times and 400
-    identical maps were 9 of the 17 s loading the default model took. Both are read, never changed.
+    identical maps were 11 of the 17 s loading the default model took (now 6.7 s, the same weights). Both are read, never changed.
     """
     import gguf
 
