@@ -291,7 +291,7 @@ class _Running:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-_started: dict[tuple[str, str], _Running] = {}  # exports started ahead (--parallel), by (model, artifact file)
+_started: dict[tuple[str, str], _Running] = {}  # exports started ahead of their build, by (model, artifact file)
 
 
 def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
@@ -307,8 +307,8 @@ def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
 def start_decoder(model: LoadedModel, spec: ArtifactSpec, folder: Path) -> None:
     """Start litert-torch's export of a language model now, so that its child process converts on the
     second core while this process builds the other artifacts; build_decoder collects it."""
-    if model.language is None or model.language.architecture not in LITERT_LM_ARCHITECTURES:
-        return
+    if model.language.architecture not in LITERT_LM_ARCHITECTURES:
+        return  # build_decoder reports why
     if (model.fingerprint, spec.filename) not in _started:
         work = Path(tempfile.mkdtemp(prefix=".staging-litert-", dir=folder))  # removed by the next run if killed
         _started[(model.fingerprint, spec.filename)] = _launch(model, spec, work)
