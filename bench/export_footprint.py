@@ -4,7 +4,9 @@
 parent holds the model, so the machine needs their sum. This samples the whole process tree twice a
 second: the sum of resident sets (shared pages counted in each process) and of proportional sets
 (PSS: shared pages split between the processes sharing them, the honest total), and the peak resident
-set of edgeship's own process and of its largest child. Any `edgeship export` flags pass through.
+set of edgeship's own process and of its largest child. Any `edgeship export` flags pass through;
+`--timeline FILE` (this script's own) also writes every sample, (seconds, edgeship's PSS, the children's
+PSS) in GiB, to see which phases overlap at the peak.
 
     .venv/bin/python bench/export_footprint.py --target android --output /tmp/footprint [--sequential]
 
@@ -30,27 +32,37 @@ def tree(root: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def sample(processes: list[psutil.Process]) -> tuple[int, int, dict[int, int]]:
-    """(sum of RSS, sum of PSS, RSS by pid) in bytes over the processes still alive."""
+def sample(processes: list[psutil.Process]) -> tuple[int, int, dict[int, tuple[int, int]]]:
+    """(sum of RSS, sum of PSS, (RSS, PSS) by pid) in bytes over the processes still alive."""
     rss = pss = 0
-    by_pid: dict[int, int] = {}
+    by_pid: dict[int, tuple[int, int]] = {}
     for process in processes:
         try:
             info = process.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        rss, pss, by_pid[process.pid] = rss + info.rss, pss + info.pss, info.rss
+        rss, pss, by_pid[process.pid] = rss + info.rss, pss + info.pss, (info.rss, info.pss)
     return rss, pss, by_pid
 
 
 def main(argv: list[str]) -> int:
+    timeline_path = None
+    if "--timeline" in argv:
+        at = argv.index("--timeline")
+        timeline_path, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
     command = [str(Path(sys.executable).parent / "edgeship"), "export", *argv]
     began = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(child.pid)
     peak_rss = peak_pss = peak_parent = peak_other = 0
+    timeline = []
     while child.poll() is None:
         rss, pss, by_pid = sample(tree(root))
+        pss_by_pid = {pid: value for pid, (_, value) in by_pid.items()}
+        parent_pss = pss_by_pid.pop(child.pid, 0)
+        timeline.append((round(time.perf_counter() - began, 1), round(parent_pss / 2**30, 3),
+                         round(sum(pss_by_pid.values()) / 2**30, 3)))
+        by_pid = {pid: value for pid, (value, _) in by_pid.items()}
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         peak_parent = max(peak_parent, by_pid.pop(child.pid, 0))
         peak_other = max(peak_other, *by_pid.values(), 0)
@@ -63,6 +75,9 @@ def main(argv: list[str]) -> int:
               "peak_single_process_rss_gib": round(max(peak_parent, peak_other) / 2**30, 2),
               "peak_edgeship_process_rss_gib": round(peak_parent / 2**30, 2),
               "peak_child_process_rss_gib": round(peak_other / 2**30, 2), "steps": steps}
+    if timeline_path is not None:
+        timeline_path.write_text(json.dumps({"columns": ["seconds", "edgeship_pss_gib", "children_pss_gib"],
+                                             "steps": steps, "samples": timeline}))
     print(json.dumps(result, indent=1))
     return child.returncode
 
