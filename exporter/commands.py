@@ -132,12 +132,13 @@ def _parity_cell(record: dict[str, Any]) -> str:
 
 
 def render_table(records: list[dict[str, Any]], fp32_bytes: int) -> str:
-    """One line per artifact: size, ratio to fp32 weights, parity metrics, time, verdict."""
+    """One line per artifact: size (a .pte with the .ptd it loads), ratio to fp32 weights, parity metrics, time, verdict."""
     rows = [("artifact", "size MB", "vs fp32", "parity vs eager", "time s", "status")]
     for r in records:
-        size = r.get("size")
+        data = [c for c in r.get("companions", []) if c["file"].endswith(".ptd")]  # loaded with the program
+        size = r.get("size") and r["size"] + sum(c["size"] for c in data)
         rows.append((
-            r["file"],
+            r["file"] + "".join(f" + {c['file']}" for c in data),
             _fmt(size / 1e6 if size else None, 3),
             f"{size / fp32_bytes:.2f}x" if size and fp32_bytes else "-",
             _parity_cell(r),

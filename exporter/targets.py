@@ -66,7 +66,7 @@ class ArtifactSpec:
     deployment_target: str | None
     skip_layers: tuple[str, ...]
     parity: Parity
-    embedding_quant: str | None = None  # language models: "int8" embedding table
+    embedding_quant: str | None = None  # language models: "int8" table, or "tied" to the int8 lm_head (.ptd)
     smoothing: float | None = None  # language models: SmoothQuant alpha before int8 dynamic activations
     lm_head_quant: str | None = None  # language models: scheme for the lm_head instead of quant
     # Scheme for linears that are not carried exactly from a GGUF's 4-bit blocks (see gguf_blocks):
@@ -104,7 +104,7 @@ _ARTIFACT_KEYS = {
     "embedding_quant": str, "smoothing": float, "lm_head_quant": str, "requantise": str,
 }
 _PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
-_EMBEDDING_QUANTS = ("int8",)
+_EMBEDDING_QUANTS = ("int8", "tied")
 
 
 def _type_name(expected: type) -> str:
@@ -186,6 +186,9 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
     embedding_quant = raw.get("embedding_quant")
     if embedding_quant is not None:
         _choice(embedding_quant, _EMBEDDING_QUANTS, where, "embedding_quant")
+        if embedding_quant == "tied" and (fmt, backend) != (Format.PTE, "xnnpack"):
+            raise TargetError(f"{where}: embedding_quant = \"tied\" shares the lm_head's int8 table inside an XNNPACK "
+                              "program; it needs format = \"pte\" and backend = \"xnnpack\" (or use embedding_quant = \"int8\")")
     parity_raw = raw["parity"]
     _check_keys(parity_raw, _PARITY_KEYS, f"{where}: parity")
     if not parity_raw:

@@ -188,6 +188,10 @@ def test_default_model_exports_for_android_and_answers_through_both_runtimes(tmp
     assert pte["parity"]["metrics"]["token_agreement"] >= 0.9 and pte["parity"]["metrics"]["mean_kl"] <= 0.03
     # "What is the capital of Japan?": the eager model answers it decisively (see README on near-ties)
     assert "Tokyo" in pte["text_llm_runner"]["text"]  # ExecuTorch's own TextLLMRunner, unchanged
+    # The tied embedding/lm_head table stored once, in the .ptd: the pair within 10% of the weights at 8 bits.
+    data = pte["companions"][0]
+    assert data["file"] == "xnnpack-int8-dynamic.ptd" and (folder / data["file"]).is_file()
+    assert pte["size"] + data["size"] <= 1.10 * manifest["model"]["fp32_bytes"] / 4
     assert "Tokyo" in pte["generations"][0]
     tflite = manifest["artifacts"][1]
     assert tflite["status"] == "passed"
@@ -321,3 +325,52 @@ def test_validate_replays_a_language_model_folder_from_its_golden_file(tiny_lms:
         assert metrics["kl_top32"] < 1e-3 and "mean_kl" not in metrics  # a lower bound is never judged as KL
     (summary.folder / "xnnpack-fp32.pte").write_bytes(b"broken")
     assert run_cli("validate", str(summary.folder)).returncode == 1
+
+
+TIED = """
+[[artifact]]
+format = "pte"
+quant = "int8-dynamic"
+embedding_quant = "{embedding}"
+smoothing = 0.5
+[artifact.parity]
+min_token_agreement = 0.8
+max_mean_kl = 0.1
+"""
+
+
+def test_tied_embedding_shares_the_lm_head_table_in_one_data_file(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+    model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
+    records = {}
+    for embedding in ("int8", "tied"):
+        target = load_target_file(write_target(tmp_path, embedding, TIED.format(embedding=embedding)))
+        summary = export(target, model, tmp_path / "dist")
+        assert summary.ok, summary.results[0].record.get("failures")
+        records[embedding] = summary.results[0].record
+    folder = tmp_path / "dist" / "tied" / model.name
+    tied = records["tied"]
+    vocab, dim = model.language.causal_lm.get_input_embeddings().weight.shape
+    assert [c["file"] for c in tied["companions"]] == ["xnnpack-int8-dynamic.ptd"]
+    ptd = tied["companions"][0]["size"]
+    # The table once (int8 rows + a float scale per row), not twice: the lm_head's rows serve the lookup.
+    assert vocab * dim < ptd < 1.1 * (vocab * dim + 4 * vocab)
+    saved = records["int8"]["size"] - (tied["size"] + ptd)
+    assert saved > 0.95 * vocab * dim, (records["int8"]["size"], tied["size"], ptd)
+    layers = {d["layer"]: d for d in tied["quantisation"]["layers"]}
+    assert ".ptd" in layers["model.embed_tokens"]["detail"] and "unsmoothed" in layers["model.embed_tokens"]["detail"]
+    # ExecuTorch's own runner loads the pair (the .ptd beside the .pte) and generates.
+    assert tied["text_llm_runner"].get("generated_tokens") or tied["text_llm_runner"].get("note")
+    assert abs(tied["parity"]["metrics"]["token_agreement"] - records["int8"]["parity"]["metrics"]["token_agreement"]) < 0.1
+    assert (folder / "xnnpack-int8-dynamic.ptd").is_file() and not list(folder.glob("*.staging*"))
+
+
+def test_tied_embedding_falls_back_to_its_own_table_when_the_model_is_not_tied(
+    tiny_lms: dict[str, Path], tmp_path: Path
+) -> None:
+    target = load_target_file(write_target(tmp_path, "tied", TIED.format(embedding="tied")))
+    summary = export(target, load_model(str(tiny_lms["phi3"]), SourceOptions(context_len=128)), tmp_path / "dist")
+    record = summary.results[0].record
+    assert summary.ok, record.get("failures")
+    assert record["companions"] == [] and not list(summary.folder.glob("*.ptd"))
+    embedding = next(d for d in record["quantisation"]["layers"] if d["kind"] == "embedding")
+    assert "not tied to the lm_head" in embedding["detail"] and embedding["quantised"]

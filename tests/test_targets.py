@@ -49,6 +49,7 @@ BAD = {
     "smoothing_out_of_range": "must be between 0 and 1, got 1.5",
     "lm_head_quant_on_tflite": "key 'lm_head_quant' is not understood by .tflite",
     "requantise_unknown_scheme": "requantise 'int8-weight' is not one of fp32, int8-dynamic, 8da4w",
+    "tied_embedding_on_tflite": 'shares the lm_head\'s int8 table inside an XNNPACK program; it needs format = "pte"',
 }
 
 

@@ -17,6 +17,7 @@ from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
+from . import tied_table as tied_table_file
 from .xnnpack_linears import retrace_friendly
 
 # "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
@@ -62,11 +63,15 @@ def partitioners(spec: ArtifactSpec) -> list[Any]:
 def lower(
     program: torch.export.ExportedProgram,
     spec: ArtifactSpec,
+    destination: Path,
     *,
     check_ir_validity: bool = True,
+    tied_table: torch.Tensor | None = None,
     **to_edge: Any,
-) -> tuple[bytes, dict[str, Any]]:
-    """to_edge + delegate + to_executorch; a failure names the ops it could not handle.
+) -> tuple[dict[str, Any], list[str]]:
+    """to_edge + delegate + to_executorch, the program written to ``destination``; a failure names the
+    ops it could not handle. Returns the delegation details and the data files written beside it:
+    with ``tied_table`` (tied_table.py), ``<stem>.ptd`` holding that table once.
 
     IR validity checks stay on unless a caller brings its own custom ops (the LLM path): without
     them an op with no kernel lowers fine and only fails when the runtime loads the program.
@@ -74,15 +79,34 @@ def lower(
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     try:
+        passes = [tied_table_file.delegate_tagging(program, tied_table)] if tied_table is not None else []
         edge = to_edge_transform_and_lower(
-            program, partitioner=partitioners(spec),
+            program, partitioner=partitioners(spec), transform_passes=passes,
             compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
         )
         details = delegation(edge)
+        if tied_table is not None and not tied_table_file.tag_program_copies(edge, tied_table):
+            raise ValueError("the embedding's use of the tied table is not among the lowered program's constants")
         executorch_program = edge.to_executorch()
+        with open(destination, "wb") as out:  # streamed: no second copy of the program in memory
+            executorch_program.write_to_file(out)
+        if tied_table is not None:  # writes <tag>.ptd for each tag beside the program
+            executorch_program.write_tensor_data_to_file(str(destination.parent))
     except Exception as exc:
         raise ConversionError(spec.filename, f"ExecuTorch could not lower the model: {describe_failure(exc)}") from exc
-    return executorch_program.buffer, details
+    if tied_table is None:
+        return details, []
+    written = destination.parent / f"{tied_table_file.TAG}.ptd"
+    if not written.is_file():
+        raise ConversionError(spec.filename, f"ExecuTorch wrote no {written.name} for the tied table")
+    data_file = written.replace(destination.with_suffix(".ptd"))
+    return details, [data_file.name]
+
+
+def data_file_of(path: Path) -> Path | None:
+    """The .ptd beside a .pte (same stem), which holds constants the program keeps outside itself."""
+    candidate = Path(path).with_suffix(".ptd")
+    return candidate if candidate.is_file() else None
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -119,8 +143,7 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
             program = torch.export.export(module, model.sample_inputs, strict=False)
         except Exception as exc:
             raise ConversionError(spec.filename, f"torch.export of the quantised model failed: {describe_failure(exc)}") from exc
-    buffer, details = lower(program, spec)
-    destination.write_bytes(buffer)
+    details, _ = lower(program, spec, destination)
     return Built(layers=layers, details=details)
 
 
@@ -141,7 +164,7 @@ def _forward_method(path: Path, backend: str) -> Any | None:
 
     load_runtime_extensions()
     try:
-        return Runtime.get().load_program(str(path)).load_method("forward")
+        return Runtime.get().load_program(str(path), data_path=data_file_of(path)).load_method("forward")
     except RuntimeError as exc:
         raise ConversionError(path.name, f"the ExecuTorch runtime cannot load the program ({exc}); "
                                          "an operator in it has no kernel in this runtime") from exc
@@ -175,7 +198,7 @@ def inspect(path: Path) -> Signature:
     from executorch.runtime import Runtime
 
     load_runtime_extensions()
-    meta = Runtime.get().load_program(str(path)).metadata("forward")
+    meta = Runtime.get().load_program(str(path), data_path=data_file_of(path)).metadata("forward")
 
     def specs(count: int, getter: Any, prefix: str) -> tuple[TensorSpec, ...]:
         out = []
@@ -256,6 +279,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     carried = _carried_blocks(model, causal_lm, spec)
     layers: list[LayerDecision] = []
     details_extra: dict[str, Any] = {"carried_gguf_blocks": len(carried)}
+    share_table = spec.embedding_quant == "tied" and spec.backend == "xnnpack" and tied_table_file.is_tied(causal_lm)
     if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
         from ..smoothing import smooth
 
@@ -265,19 +289,29 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
         by_module = {causal_lm.get_submodule(name): blocks for name, blocks in carried.items()}
         details_extra["smoothing"] = {"alpha": spec.smoothing,
                                       "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing, by_module)}
-    if spec.embedding_quant:
-        embedding = causal_lm.get_input_embeddings()
-        shape = tuple(embedding.weight.shape)
-        # The lm_head keeps its own (tied) weight and is quantised with the linears below.
-        causal_lm.config.tie_word_embeddings = False
-        group = llm.EMBEDDING_GROUP if shape[1] % llm.EMBEDDING_GROUP == 0 else None
-        name = llm.quantise_embedding(causal_lm, group)
-        layers.append(LayerDecision(f"inner.{name}", "embedding", shape, True,
-                                    f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte)"))
+    # A shared table is tied after the lm_head is quantised (it reads the head's int8 rows); 1/s undoes the
+    # smoothing the head's columns took, measured now while both are float.
+    unsmooth = (tied_table_file.unsmoothing(causal_lm.get_input_embeddings().weight,
+                                            causal_lm.get_output_embeddings().weight) if share_table else None)
+    causal_lm.config.tie_word_embeddings = False  # the lm_head keeps its own weight, quantised with the linears
+    if spec.embedding_quant and not share_table:
+        _quantise_embedding(causal_lm, layers, "" if spec.embedding_quant == "int8" else
+                            "; not tied to the lm_head in this model, so it keeps its own table")
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
     layers += _quantise_linears(decoder, spec, carried)
     if spec.backend == "xnnpack":
         retrace_friendly(decoder)
+    table = None
+    if share_table:
+        shape = tuple(causal_lm.get_input_embeddings().weight.shape)
+        name = tied_table_file.tie(causal_lm, causal_lm.get_output_embeddings(), unsmooth)
+        if name is None:
+            _quantise_embedding(causal_lm, layers, "; the lm_head is not int8 per channel, so it keeps its own table")
+        else:
+            table = causal_lm.get_output_embeddings().weight_int
+            layers.insert(0, LayerDecision(f"inner.{name}", "embedding", shape, True,
+                                           "the lm_head's int8 rows (embedding_byte), stored once in the .ptd"
+                                           + (", unsmoothed by one multiply" if unsmooth is not None else "")))
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
     seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
     try:
@@ -285,10 +319,21 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the KV-cache decoder failed: {describe_failure(exc)}") from exc
     metadata = llm.runner_metadata(causal_lm.config, language.tokenizer, language.max_context, language.eos_ids)
-    buffer, details = lower(program, spec, check_ir_validity=False, constant_methods=metadata)
-    destination.write_bytes(buffer)
+    details, data_files = lower(program, spec, destination, check_ir_validity=False, tied_table=table,
+                                constant_methods=metadata)
     details["runner_metadata"] = metadata
-    return Built(layers=layers, details={**details, **details_extra})
+    return Built(layers=layers, details={**details, **details_extra}, companions=data_files)
+
+
+def _quantise_embedding(causal_lm: torch.nn.Module, layers: list[LayerDecision], why: str) -> None:
+    """Its own int8 table in blocks of llm.EMBEDDING_GROUP (like GGUF Q8_0), first in the layer report."""
+    from .. import llm
+
+    shape = tuple(causal_lm.get_input_embeddings().weight.shape)
+    group = llm.EMBEDDING_GROUP if shape[1] % llm.EMBEDDING_GROUP == 0 else None
+    name = llm.quantise_embedding(causal_lm, group)
+    layers.insert(0, LayerDecision(f"inner.{name}", "embedding", shape, True,
+                                   f"int8 {'groups of ' + str(group) if group else 'per row'} (embedding_byte){why}"))
 
 
 def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
@@ -304,8 +349,7 @@ def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: P
         program = llm.export_stateful(module, int(language.tokenizer.bos_token_id or 0))
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the stateful decoder failed: {describe_failure(exc)}") from exc
-    buffer, details = lower(program, spec, check_ir_validity=False)
-    destination.write_bytes(buffer)
+    details, _ = lower(program, spec, destination, check_ir_validity=False)
     return Built(layers=layers, details={**details, "inputs": ["input_ids", "causal_mask"],
                                          "sample_input_shapes": llm.stateful_input_bounds(language.max_context)})
 
@@ -333,7 +377,8 @@ def text_llm_runner_generate(path: Path, tokenizer_json: Path, prompt: str,
     from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
 
     began = time.perf_counter()
-    runner = TextLLMRunner(str(path), str(tokenizer_json))
+    data = data_file_of(path)
+    runner = TextLLMRunner(str(path), str(tokenizer_json), str(data) if data else None)
     built_s = time.perf_counter() - began
     config = GenerationConfig()
     config.max_new_tokens = max_new_tokens
