@@ -30,6 +30,7 @@ import numpy as np
 
 from exporter import files
 from exporter.errors import DeviceError
+from exporter.manifest import program_data_files
 
 from . import runner as device_runner
 from .inventory import DeviceSpec
@@ -200,8 +201,11 @@ _ET_LOG = re.compile(r"^[DIEF] (\d+):(\d+):(\d+)\.(\d+) executorch:[^\]]*\] (.*)
 
 
 def executor_runner_command(runner: str, model: str, inputs: list[str], output_base: str | None,
-                            executions: int) -> str:
+                            executions: int, data: str | None = None) -> str:
+    """``data``: the program's .ptd (constants it keeps outside itself), when it has one."""
     parts = [runner, f"--model_path={model}", f"--num_executions={executions}"]
+    if data:
+        parts.append(f"--data_path={data}")
     if inputs:
         parts.append(f"--inputs={','.join(inputs)}")
     if output_base:
@@ -285,11 +289,13 @@ def latency_from_summary(runs: dict[str, float]) -> dict[str, float | None]:
 # -- llama_main (language models) -----------------------------------------------------------------
 
 def llama_main_command(runner: str, model: str, tokenizer: str, prompt_file: str, max_new_tokens: int, *,
-                       warmup: bool = False) -> str:
+                       warmup: bool = False, data: str | None = None) -> str:
     """Greedy generation of one prompt (read from a file: chat templates span lines and quotes). No
     --num_bos: the prompt text carries its BOS, which the runner's tokenizer reads as a special token."""
     parts = [runner, f"--model_path={model}", f"--tokenizer_path={tokenizer}", f"--prompt_file={prompt_file}",
              "--temperature=0", f"--max_new_tokens={max_new_tokens}"]
+    if data:  # the program's .ptd
+        parts.append(f"--data_paths={data}")
     if warmup:
         parts.append("--warmup")
     return " ".join(shlex.quote(p) for p in parts)
@@ -333,7 +339,7 @@ def matched_tokens(decode: Any, expected: list[int], text: str) -> int:
 
 def measure_language_model(phone: AdbPhone, record: dict[str, Any], model_path: str, tokenizer_path: str,
                            golden: dict[str, np.ndarray], decode: Any, job: dict[str, Any],
-                           local_dir: Path) -> dict[str, Any]:
+                           local_dir: Path, data_path: str | None = None) -> dict[str, Any]:
     """Each fixed prompt through llama_main, greedily, as many tokens as the eager model's answer; timings
     from its report, the answers compared on the host with the eager model's and with the host's run."""
     runs, matches = [], []
@@ -349,7 +355,7 @@ def measure_language_model(phone: AdbPhone, record: dict[str, Any], model_path: 
         remote = f"{phone.workdir}/{job['run_id']}/{local.name}"
         phone.push(local, remote)
         done = phone.shell(llama_main_command(phone.spec.runner or "", model_path, tokenizer_path, remote,
-                                              len(expected), warmup=job["warmup"] > 0))
+                                              len(expected), warmup=job["warmup"] > 0, data=data_path))
         run = parse_llama_main(done.stdout, done.stderr, prompt)
         if run.stats.get("prompt_tokens") != len(prompt_ids):
             raise ValueError(f"llama_main read prompt {index} as {run.stats.get('prompt_tokens')} tokens, the host as "
@@ -425,7 +431,7 @@ def _split_outputs(blob: bytes, signature: dict[str, Any], expected: list[np.nda
 
 
 def measure_artifact(phone: AdbPhone, record: dict[str, Any], model_path: str, job: dict[str, Any],
-                     golden: dict[str, np.ndarray], local_dir: Path) -> dict[str, Any]:
+                     golden: dict[str, np.ndarray], local_dir: Path, data_path: str | None = None) -> dict[str, Any]:
     """Latency from the native runner's own timings, then golden replay with outputs pulled and compared here."""
     runner, signature, workdir = phone.spec.runner or "", record["signature"], phone.workdir
     per_set_inputs = []
@@ -440,7 +446,7 @@ def measure_artifact(phone: AdbPhone, record: dict[str, Any], model_path: str, j
     measured: dict[str, Any] = {}
     if record["format"] == "pte":
         done = phone.shell(executor_runner_command(runner, model_path, per_set_inputs[0], None,
-                                                   job["warmup"] + job["iterations"]))
+                                                   job["warmup"] + job["iterations"], data_path))
         times = parse_executor_runner(done.stdout + done.stderr)  # ET_LOG writes to stderr
         samples = times.iterations_ms[job["warmup"]:] or times.iterations_ms
         measured.update({"load_ms": times.load_ms, "first_inference_ms": times.iterations_ms[0],
@@ -459,7 +465,7 @@ def measure_artifact(phone: AdbPhone, record: dict[str, Any], model_path: str, j
         expected = [golden[f"set{index}.output.{n}"] for n in job["outputs"]]
         out_base = f"{workdir}/{job['run_id']}/{record['name']}.set{index}.out"
         if record["format"] == "pte":
-            phone.shell(executor_runner_command(runner, model_path, per_set_inputs[index], out_base, 1))
+            phone.shell(executor_runner_command(runner, model_path, per_set_inputs[index], out_base, 1, data_path))
             actual = []
             for i, (want, spec) in enumerate(zip(expected, signature["outputs"])):
                 local = local_dir / f"{record['name']}.set{index}.out-{i}.bin"
@@ -509,6 +515,7 @@ def run_phone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_f
     log.append(f"facts: {facts}")
     artifacts = plan(data, facts, spec)
     to_cache = {r["file"]: r["sha256"] for r in artifacts}
+    to_cache.update(program_data_files(artifacts))
     language_model = data["golden"].get("kind") == "language-model"
     tokenizer = data.get("bundle", {}).get("tokenizer")
     if language_model:
@@ -543,12 +550,13 @@ def run_phone(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_f
     decode = _decoder(export_folder / tokenizer) if language_model else None
     results: dict[str, Any] = {}
     for record in artifacts:
+        data_path = next((remote[name] for name in program_data_files([record])), None)
         try:
             if language_model:
                 measured = measure_language_model(phone, record, remote[record["file"]], remote[tokenizer], golden,
-                                                  decode, job, local_dir)
+                                                  decode, job, local_dir, data_path)
             else:
-                measured = measure_artifact(phone, record, remote[record["file"]], job, golden, local_dir)
+                measured = measure_artifact(phone, record, remote[record["file"]], job, golden, local_dir, data_path)
             measured["checks"] = device_runner.judge(measured["metrics"], record.get("thresholds", {}))
             if language_model:
                 measured["checks"] += host_agreement_check(measured["metrics"], record, METRIC_TOLERANCE["greedy_match"])

@@ -128,6 +128,7 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
     log.append(f"facts: {json.dumps(facts)}")
     artifacts = plan(data, facts, spec)
     to_push = {record["file"]: record["sha256"] for record in artifacts}
+    to_push.update(manifest.program_data_files(artifacts))
     to_push[data["golden"]["file"]] = data["golden"]["sha256"]
     need = sum((export_folder / name).stat().st_size for name in to_push)
     if facts["free_bytes"] < need * 1.1:

@@ -24,6 +24,7 @@ from typing import Any
 
 from exporter import files
 from exporter.errors import DeviceError
+from exporter.manifest import program_data_files
 
 from . import runner as device_runner
 from .harness import push, remote_path
@@ -183,7 +184,13 @@ def measurements(cases: dict[str, XCTestCase], language_model: bool) -> dict[str
 
 def plan(data: dict[str, Any], spec: DeviceSpec) -> list[dict[str, Any]]:
     """The .pte programs of the export: the only artifacts the Benchmark app runs."""
-    runnable = [r for r in data["artifacts"] if r["format"] == "pte" and r.get("status") in ("passed", "failed")]
+    programs = [r for r in data["artifacts"] if r["format"] == "pte" and r.get("status") in ("passed", "failed")]
+    # The app loads each .pte alone (no data_path): a program with a .ptd beside it cannot run there.
+    runnable = [r for r in programs if not program_data_files([r])]
+    if programs and not runnable:
+        raise DeviceError(f"{spec.name}: ExecuTorch's Benchmark app loads a .pte without its .ptd data file "
+                          f"({', '.join(program_data_files(programs))}); export for iPhone with a target whose .pte "
+                          "keeps its own embedding (embedding_quant = \"int8\"), e.g. a copy of targets/android.toml")
     if not runnable:
         formats = sorted({r["format"] for r in data["artifacts"]})
         raise DeviceError(f"{spec.name}: ExecuTorch's Benchmark app runs .pte programs; this export has "

@@ -179,12 +179,14 @@ def coreml_lm_stepper(path):
 
 
 def pte_method(path):
-    """The program's forward method, with the kernels LLM programs use registered first."""
+    """The program's forward method (with its .ptd, if one lies beside it), the kernels LLM programs use
+    registered first."""
     from executorch.runtime import Runtime
 
     for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
         _import(extension)
-    return Runtime.get().load_program(path).load_method("forward")
+    data = os.path.splitext(path)[0] + ".ptd"  # constants kept outside the program (a tied table), pushed beside it
+    return Runtime.get().load_program(path, data_path=data if os.path.isfile(data) else None).load_method("forward")
 
 
 def pte_runner(path):

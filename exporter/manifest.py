@@ -48,3 +48,10 @@ def require(folder: Path) -> dict[str, Any]:
     if data is None:
         raise ExportError(f"{folder}: no {MANIFEST} from this edgeship version; run `edgeship export` first")
     return data
+
+
+def program_data_files(artifacts: list[dict[str, Any]]) -> dict[str, str]:
+    """The .ptd files (name -> sha256) the artifacts' programs load beside themselves: pushed with them.
+    Other companions (a .litertlm bundle) are for apps, not for the runner."""
+    return {c["file"]: c["sha256"] for record in artifacts for c in record.get("companions", [])
+            if c["file"].endswith(".ptd")}

@@ -142,6 +142,10 @@ def test_built_commands_quote_every_value_for_host_and_phone() -> None:
                                           "/w/out", 5)
     assert shlex.split(command) == ["/data/local/tmp/executor_runner", "--model_path=/w/m y.pte", "--num_executions=5",
                                     "--inputs=/w/a.bin,/w/b.bin", "--output_file=/w/out"]
+    command = adb.executor_runner_command("/r", "/w/m.pte", [], None, 1, "/w/cache/ab cd.ptd")
+    assert shlex.split(command) == ["/r", "--model_path=/w/m.pte", "--num_executions=1", "--data_path=/w/cache/ab cd.ptd"]
+    command = adb.llama_main_command("/l", "/w/m.pte", "/w/t.json", "/w/p.txt", 8, data="/w/cache/d.ptd")
+    assert "--data_paths=/w/cache/d.ptd" in shlex.split(command)
     command = adb.benchmark_model_command("/data/local/tmp/benchmark_model", "/w/m.tflite",
                                           {"x": ("/w/x.bin", (1, 16)), "mask": ("/w/m.bin", (1, 8))}, "/w/out.bin", 40, 3)
     assert shlex.split(command)[1:] == ["--graph=/w/m.tflite", "--num_runs=40", "--warmup_runs=3",
@@ -314,3 +318,31 @@ def test_fake_phone_with_the_wrong_runner_for_the_export_is_told_which_one_it_ne
     _, outcomes = run_devices([fake_phone(phones, "llm-runner", "PTE1", "llama_main")], phones["export"],
                               phones["root"] / "results", Settings())
     assert not outcomes[0].ok and "llama_main runs language models only" in outcomes[0].reason
+
+
+def test_fake_phone_runs_a_program_with_its_data_file(phones: dict, smollm2_tokenizer_folder: Path) -> None:
+    """A .pte whose tied embedding/lm_head table lives in a .ptd beside it: both pushed, and llama_main given
+    --data_paths (the real binary's flag), so it generates what the host generated with the pair."""
+    from exporter.sources import SourceOptions
+    from exporter.targets import load_target_file
+    from tests.conftest import make_tiny_lm, write_target
+
+    target = load_target_file(write_target(phones["root"], "lm-tied", """
+[[artifact]]
+format = "pte"
+quant = "int8-dynamic"
+embedding_quant = "tied"
+[artifact.parity]
+min_token_agreement = 0.5
+"""))
+    model = load_model(str(make_tiny_lm(phones["root"] / "tiny-llama-tied", "llama", smollm2_tokenizer_folder)),
+                       SourceOptions(context_len=128))
+    summary = export(target, model, phones["root"] / "tied-dist")
+    assert summary.ok and summary.results[0].record["companions"][0]["file"] == "xnnpack-int8-dynamic.ptd"
+    _, outcomes = run_devices([fake_phone(phones, "pixel-tied", "PTE1", "llama_main")], summary.folder,
+                              phones["root"] / "results", Settings())
+    assert outcomes[0].ok, outcomes[0].reason
+    result = outcomes[0].result
+    assert sorted(result["pushed"]) == ["tokenizer.json", "xnnpack-int8-dynamic.ptd", "xnnpack-int8-dynamic.pte"]
+    measured = result["artifacts"]["xnnpack-int8-dynamic"]
+    assert measured["metrics"]["same_as_host"] == 1.0 and measured["decode_tokens_per_s"] > 0

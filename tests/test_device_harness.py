@@ -330,6 +330,7 @@ min_token_agreement = 0.5
     assert measured["metrics"]["token_agreement"] == pytest.approx(wanted["token_agreement"], abs=1e-9)
     assert measured["metrics"]["greedy_match"] == pytest.approx(wanted["greedy_match"], abs=1e-9)
     assert measured["decode_tokens_per_s"] > 0 and measured["prefill_tokens_per_s"] > 0 and measured["ttft_ms"] > 0
+    assert "xnnpack-q4.ptd" in by_name["lm-board"].result["pushed"]  # its tied table, loaded beside the program
     assert [c["metric"] for c in measured["checks"]] == ["min_token_agreement"] and measured["passed"]
     # the .tflite steps its signatures on the board with the host's own stepper: the same agreement
     on_board = by_name["lm-board"].result["artifacts"]["litert-int8-dynamic"]

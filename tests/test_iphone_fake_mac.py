@@ -247,6 +247,14 @@ def test_an_iphone_is_told_when_the_export_has_no_pte_for_the_benchmark_app() ->
         iphone.plan(data, mac_spec())
 
 
+def test_an_iphone_is_told_that_the_benchmark_app_cannot_load_a_program_s_data_file() -> None:
+    tied = {"format": "pte", "status": "passed", "file": "x.pte", "companions": [{"file": "x.ptd", "sha256": "0" * 64}]}
+    with pytest.raises(DeviceError, match=r"without its \.ptd data file \(x\.ptd\).*embedding_quant = \"int8\""):
+        iphone.plan({"artifacts": [tied]}, mac_spec())
+    alone = {"format": "pte", "status": "passed", "file": "y.pte", "companions": []}
+    assert iphone.plan({"artifacts": [tied, alone]}, mac_spec()) == [alone]
+
+
 def test_devices_check_reports_a_fake_iphone_through_the_cli(fake_mac: dict) -> None:
     from tests.conftest import run_cli
 

@@ -1,6 +1,6 @@
 """A stand-in for ExecuTorch's executor_runner binary, for tests only (no Android phone here).
 
-It takes the real binary's flags (--model_path, --inputs, --output_file, --num_executions) and prints
+It takes the real binary's flags (--model_path, --data_path, --inputs, --output_file, --num_executions) and prints
 the real binary's log lines (ET_LOG's "I hh:mm:ss.us executorch:file:line] message" on stderr), but runs
 the program with ExecuTorch's Python runtime: the artifact executed is the real one.
 """
@@ -26,14 +26,14 @@ def log(message, line=100):
 def main(argv):
     flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     for flag in flags:
-        if flag not in ("model_path", "inputs", "output_file", "num_executions", "cpu_threads", "method_name"):
+        if flag not in ("model_path", "data_path", "inputs", "output_file", "num_executions", "cpu_threads", "method_name"):
             print(f"ERROR: unknown command line flag '{flag}'", file=sys.stderr)
             return 1
     from executorch.runtime import Runtime
 
     for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
         __import__(extension)
-    program = Runtime.get().load_program(flags["model_path"])
+    program = Runtime.get().load_program(flags["model_path"], data_path=flags.get("data_path") or None)
     log(f"Model file {flags['model_path']} is loaded.")
     log("Using method forward")
     method = program.load_method("forward")

@@ -33,7 +33,8 @@ def main(argv):
     from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
 
     try:
-        runner = TextLLMRunner(flags.get("model_path", "llama2.pte"), flags.get("tokenizer_path", "tokenizer.bin"))
+        runner = TextLLMRunner(flags.get("model_path", "llama2.pte"), flags.get("tokenizer_path", "tokenizer.bin"),
+                               flags.get("data_paths") or None)  # one .ptd: edgeship writes no more
     except RuntimeError as exc:
         print(f"Failed to create llama runner: {exc}", file=sys.stderr)
         return 1
