@@ -211,7 +211,7 @@ class QuantizedEmbedding(nn.Module):
 
 def quantise_embedding(model: nn.Module, group_size: int | None) -> str:
     """Swap the input embedding for an int8 one; returns the layer's name for the report."""
-    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_byte)
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (defines embedding_byte)
 
     embedding = model.get_input_embeddings()
     name = next(n for n, m in model.named_modules() if m is embedding)

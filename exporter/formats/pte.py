@@ -16,8 +16,7 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
-from . import Built, Runner, Signature, TensorSpec
-from . import tied_table as tied_table_file
+from . import Built, Runner, Signature, TensorSpec, tied_table
 from .xnnpack_linears import retrace_friendly
 
 # "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
@@ -66,12 +65,12 @@ def lower(
     destination: Path,
     *,
     check_ir_validity: bool = True,
-    tied_table: torch.Tensor | None = None,
+    shared_table: torch.Tensor | None = None,
     **to_edge: Any,
 ) -> tuple[dict[str, Any], list[str]]:
     """to_edge + delegate + to_executorch, the program written to ``destination``; a failure names the
     ops it could not handle. Returns the delegation details and the data files written beside it:
-    with ``tied_table`` (tied_table.py), ``<stem>.ptd`` holding that table once.
+    with ``shared_table`` (tied_table.py), ``<stem>.ptd`` holding that table once.
 
     IR validity checks stay on unless a caller brings its own custom ops (the LLM path): without
     them an op with no kernel lowers fine and only fails when the runtime loads the program.
@@ -79,24 +78,24 @@ def lower(
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     try:
-        passes = [tied_table_file.delegate_tagging(program, tied_table)] if tied_table is not None else []
+        passes = [tied_table.delegate_tagging(program, shared_table)] if shared_table is not None else []
         edge = to_edge_transform_and_lower(
             program, partitioner=partitioners(spec), transform_passes=passes,
             compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
         )
         details = delegation(edge)
-        if tied_table is not None and not tied_table_file.tag_program_copies(edge, tied_table):
+        if shared_table is not None and not tied_table.tag_program_copies(edge, shared_table):
             raise ValueError("the embedding's use of the tied table is not among the lowered program's constants")
         executorch_program = edge.to_executorch()
         with open(destination, "wb") as out:  # streamed: no second copy of the program in memory
             executorch_program.write_to_file(out)
-        if tied_table is not None:  # writes <tag>.ptd for each tag beside the program
+        if shared_table is not None:  # writes <tag>.ptd for each tag beside the program
             executorch_program.write_tensor_data_to_file(str(destination.parent))
     except Exception as exc:
         raise ConversionError(spec.filename, f"ExecuTorch could not lower the model: {describe_failure(exc)}") from exc
-    if tied_table is None:
+    if shared_table is None:
         return details, []
-    written = destination.parent / f"{tied_table_file.TAG}.ptd"
+    written = destination.parent / f"{tied_table.TAG}.ptd"
     if not written.is_file():
         raise ConversionError(spec.filename, f"ExecuTorch wrote no {written.name} for the tied table")
     data_file = written.replace(destination.with_suffix(".ptd"))
@@ -279,7 +278,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     carried = _carried_blocks(model, causal_lm, spec)
     layers: list[LayerDecision] = []
     details_extra: dict[str, Any] = {"carried_gguf_blocks": len(carried)}
-    share_table = spec.embedding_quant == "tied" and spec.backend == "xnnpack" and tied_table_file.is_tied(causal_lm)
+    share_table = spec.embedding_quant == "tied" and spec.backend == "xnnpack" and tied_table.is_tied(causal_lm)
     if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
         from ..smoothing import smooth
 
@@ -291,7 +290,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
                                       "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing, by_module)}
     # A shared table is tied after the lm_head is quantised (it reads the head's int8 rows); 1/s undoes the
     # smoothing the head's columns took, measured now while both are float.
-    unsmooth = (tied_table_file.unsmoothing(causal_lm.get_input_embeddings().weight,
+    unsmooth = (tied_table.unsmoothing(causal_lm.get_input_embeddings().weight,
                                             causal_lm.get_output_embeddings().weight) if share_table else None)
     causal_lm.config.tie_word_embeddings = False  # the lm_head keeps its own weight, quantised with the linears
     if spec.embedding_quant and not share_table:
@@ -304,7 +303,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     table = None
     if share_table:
         shape = tuple(causal_lm.get_input_embeddings().weight.shape)
-        name = tied_table_file.tie(causal_lm, causal_lm.get_output_embeddings(), unsmooth)
+        name = tied_table.tie(causal_lm, causal_lm.get_output_embeddings(), unsmooth)
         if name is None:
             _quantise_embedding(causal_lm, layers, "; the lm_head is not int8 per channel, so it keeps its own table")
         else:
@@ -319,7 +318,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the KV-cache decoder failed: {describe_failure(exc)}") from exc
     metadata = llm.runner_metadata(causal_lm.config, language.tokenizer, language.max_context, language.eos_ids)
-    details, data_files = lower(program, spec, destination, check_ir_validity=False, tied_table=table,
+    details, data_files = lower(program, spec, destination, check_ir_validity=False, shared_table=table,
                                 constant_methods=metadata)
     details["runner_metadata"] = metadata
     return Built(layers=layers, details={**details, **details_extra}, companions=data_files)

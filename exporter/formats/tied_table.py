@@ -27,6 +27,8 @@ class TiedEmbedding(nn.Module):
     """Token ids -> the lm_head's int8 rows times their per-row scales (times 1/s if it was smoothed)."""
 
     def __init__(self, head: DynamicQuantLinear, unsmooth: torch.Tensor | None) -> None:
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (defines embedding_byte)
+
         super().__init__()
         self.register_buffer("weight", head.weight_int)  # the very tensor: torch.export lifts it once
         self.register_buffer("scales", head.weight_scale)
