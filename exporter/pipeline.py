@@ -204,6 +204,7 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
         results.append(_build_one(model, program, spec, folder, golden, plan.key, progress))
+        _return_freed_memory()  # the parity check's loaded runtimes and programs
     return results
 
 
