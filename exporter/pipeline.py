@@ -264,7 +264,14 @@ def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any]
     path = folder / spec.filename
     if not path.exists() or files.sha256_of(path) != record.get("sha256"):
         return None
+    if not _companions_intact(folder, record):  # a .pte without its .ptd is no artifact at all
+        return None
     return record
+
+
+def _companions_intact(folder: Path, record: dict[str, Any]) -> bool:
+    return all((folder / c["file"]).exists() and files.sha256_of(folder / c["file"]) == c["sha256"]
+               for c in record.get("companions", []))
 
 
 def _copy_from_other_target(found: tuple[Path, dict[str, Any]], spec: ArtifactSpec,
@@ -295,9 +302,6 @@ def _built_for_other_target(output_root: Path, target: str, model_name: str, spe
         records = (manifest.read(other) or {}).get("artifacts", [])
         record = next((r for r in records if r.get("name") == spec.name and r.get("key") == key), None)
         if record is None or _reusable(other, spec, key, record) is None:
-            continue
-        companions = record.get("companions", [])
-        if any(not (other / c["file"]).exists() or files.sha256_of(other / c["file"]) != c["sha256"] for c in companions):
             continue
         return other, record
     return None
