@@ -291,7 +291,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     # A shared table is tied after the lm_head is quantised (it reads the head's int8 rows); 1/s undoes the
     # smoothing the head's columns took, measured now while both are float.
     unsmooth = (tied_table.unsmoothing(causal_lm.get_input_embeddings().weight,
-                                            causal_lm.get_output_embeddings().weight) if share_table else None)
+                                       causal_lm.get_output_embeddings().weight) if share_table else None)
     causal_lm.config.tie_word_embeddings = False  # the lm_head keeps its own weight, quantised with the linears
     if spec.embedding_quant and not share_table:
         _quantise_embedding(causal_lm, layers, "" if spec.embedding_quant == "int8" else
