@@ -135,7 +135,7 @@ def render_table(records: list[dict[str, Any]], fp32_bytes: int) -> str:
     """One line per artifact: size (a .pte with the .ptd it loads), ratio to fp32 weights, parity metrics, time, verdict."""
     rows = [("artifact", "size MB", "vs fp32", "parity vs eager", "time s", "status")]
     for r in records:
-        data = [c for c in r.get("companions", []) if c["file"].endswith(".ptd")]  # loaded with the program
+        data = manifest.program_data(r)
         size = r.get("size") and r["size"] + sum(c["size"] for c in data)
         rows.append((
             r["file"] + "".join(f" + {c['file']}" for c in data),

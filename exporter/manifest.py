@@ -50,8 +50,12 @@ def require(folder: Path) -> dict[str, Any]:
     return data
 
 
+def program_data(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The companions an artifact's program loads beside itself (.ptd data files): it counts, moves and is
+    pushed with them. Other companions (a .litertlm bundle) are for apps, not for the runner."""
+    return [c for c in record.get("companions", []) if c["file"].endswith(".ptd")]
+
+
 def program_data_files(artifacts: list[dict[str, Any]]) -> dict[str, str]:
-    """The .ptd files (name -> sha256) the artifacts' programs load beside themselves: pushed with them.
-    Other companions (a .litertlm bundle) are for apps, not for the runner."""
-    return {c["file"]: c["sha256"] for record in artifacts for c in record.get("companions", [])
-            if c["file"].endswith(".ptd")}
+    """The .ptd files (name -> sha256) of these artifacts' programs."""
+    return {c["file"]: c["sha256"] for record in artifacts for c in program_data(record)}

@@ -278,7 +278,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     carried = _carried_blocks(model, causal_lm, spec)
     layers: list[LayerDecision] = []
     details_extra: dict[str, Any] = {"carried_gguf_blocks": len(carried)}
-    share_table = spec.embedding_quant == "tied" and spec.backend == "xnnpack" and tied_table.is_tied(causal_lm)
+    share_table = spec.embedding_quant == "tied" and tied_table.is_tied(causal_lm)  # targets: xnnpack only
     if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
         from ..smoothing import smooth
 
