@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import platform
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def lower(
             program, partitioner=partitioners(spec), transform_passes=passes,
             compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
         )
+        release_lowering_leftovers()  # before to_executorch, which has its own peak
         details = delegation(edge)
         if shared_table is not None and not tied_table.tag_program_copies(edge, shared_table):
             raise ValueError("the embedding's use of the tied table is not among the lowered program's constants")
@@ -93,6 +95,8 @@ def lower(
             executorch_program.write_tensor_data_to_file(str(destination.parent))
     except Exception as exc:
         raise ConversionError(spec.filename, f"ExecuTorch could not lower the model: {describe_failure(exc)}") from exc
+    finally:
+        release_lowering_leftovers()
     if shared_table is None:
         return details, []
     written = destination.parent / f"{tied_table.TAG}.ptd"
@@ -100,6 +104,27 @@ def lower(
         raise ConversionError(spec.filename, f"ExecuTorch wrote no {written.name} for the tied table")
     data_file = written.replace(destination.with_suffix(".ptd"))
     return details, [data_file.name]
+
+
+def release_lowering_leftovers() -> None:
+    """Let go of the graphs a lowering leaves reachable from module globals. ExecuTorch's partitioning
+    memoises ``is_same_node`` in an unbounded lru_cache keyed by fx nodes, its XNNPACK configs keep the
+    last node they rejected in module-level WhyNoPartition loggers, FakeTensorMode's class-wide dispatch
+    cache keys hold the lowered delegate modules (with their original programs), and torch.export keeps a
+    map of the last trace's proxies. Each node holds its whole graph with its fake tensors: after the
+    default model's .pte, 19,000 nodes kept for the rest of the process (README "Against the issue's goals")."""
+    from executorch.exir.backend import utils
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental import proxy_tensor
+
+    utils.is_same_node.cache_clear()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("executorch.") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, utils.WhyNoPartition):
+                    value.node = None
+    FakeTensorMode.cache_clear()  # only a speed-up for the next trace
+    getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()  # private: may go away
 
 
 def data_file_of(path: Path) -> Path | None:
