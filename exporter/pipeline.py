@@ -8,9 +8,7 @@ artifact whose inputs did not change and which passed before.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import gc
 import hashlib
 import json
 import shutil
@@ -26,6 +24,7 @@ import torch
 from . import files, lm_parity, manifest
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
+from .heap import return_freed_memory
 from .progress import Progress
 from .quant import SCHEMES
 from .sources import LoadedModel
@@ -204,7 +203,7 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
         results.append(_build_one(model, program, spec, folder, golden, plan.key, progress))
-        _return_freed_memory()  # the parity check's loaded runtimes and programs
+        return_freed_memory()  # the parity check's loaded runtimes and programs
     return results
 
 
@@ -307,16 +306,6 @@ def _built_for_other_target(output_root: Path, target: str, model_name: str, spe
     return None
 
 
-def _return_freed_memory() -> None:
-    """Give the heap a finished build freed back to the system: glibc keeps it otherwise, and the next
-    build (or litert-torch's child) would stack its peak on top of the last one's leftovers."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators return memory themselves
-        pass
-
-
 def _build_one(
     model: LoadedModel,
     program: torch.export.ExportedProgram | None,
@@ -340,7 +329,7 @@ def _build_one(
             staged = stage / spec.filename
             with progress.stage(f"{spec.filename}: {spec.backend}, {spec.quant} ({scheme.summary})"):
                 built = fmt.build(model, program, spec, staged)
-            _return_freed_memory()
+            return_freed_memory()
             layers = [d.as_dict() for d in built.layers]
             record["quantisation"] = {
                 "scheme": spec.quant, "summary": scheme.summary, "group_size": spec.group_size,

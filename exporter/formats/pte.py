@@ -17,6 +17,7 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
+from ..weights_on_disk import parked
 from . import Built, Runner, Signature, TensorSpec, tied_table
 from .xnnpack_linears import retrace_friendly
 
@@ -294,12 +295,20 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     """A language model as ExecuTorch's LLM runners want it: KV cache in the program, custom SDPA and
     cache-update ops, int8 embedding lookups, dynamic prompt length, runner metadata, and a GGUF's
     4-bit blocks carried over exactly where the scheme matches them."""
-    from .. import llm
-
     if spec.backend == "coreml":
         return _build_coreml_decoder(model, spec, destination)
+    causal_lm = copy.deepcopy(model.language.causal_lm)
+    # The build works on the copy for minutes while litert-torch's child may peak beside it: the
+    # original's fp32 weights wait on disk meanwhile (0.54 GB for the default model).
+    with parked(model.language.causal_lm, destination.parent):
+        return _build_xnnpack_decoder(model, causal_lm, spec, destination)
+
+
+def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec: ArtifactSpec,
+                           destination: Path) -> Built:
+    from .. import llm
+
     language = model.language
-    causal_lm = copy.deepcopy(language.causal_lm)
     carried = _carried_blocks(model, causal_lm, spec)
     layers: list[LayerDecision] = []
     details_extra: dict[str, Any] = {"carried_gguf_blocks": len(carried)}

@@ -1,0 +1,44 @@
+"""The source model's weights wait on disk during a build and come back exactly, tied weights still tied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.weights_on_disk import parked
+
+
+def _tied_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False),
+                                 "norm": torch.nn.LayerNorm(4)})
+    model["head"].weight = model["embed"].weight
+    return model
+
+
+def test_parked_weights_are_gone_inside_and_exactly_back_after(tmp_path: Path) -> None:
+    model = _tied_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with parked(model, tmp_path):
+        assert all(p.numel() == 0 for p in model.parameters())
+        assert len(list(tmp_path.iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert model["head"].weight is model["embed"].weight  # still one parameter
+    tokens = torch.tensor([1, 2])
+    assert torch.equal(model["head"](model["embed"](tokens)), torch.nn.functional.linear(
+        before["embed.weight"][tokens], before["embed.weight"]))
+
+
+def test_weights_come_back_when_the_build_fails(tmp_path: Path) -> None:
+    model = _tied_model()
+    before = model["norm"].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="lowering failed"), parked(model, tmp_path):
+        raise RuntimeError("lowering failed")
+    assert torch.equal(model["norm"].weight, before)
+    assert list(tmp_path.iterdir()) == []
