@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_arti
     from exporter.formats import pte, tflite
 
     events: list[str] = []
-    real_launch, real_build = tflite._launch, pte.build
+    real_launch, real_build, real_finish = tflite._launch, pte.build, tflite._Running.finish
+    model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
 
     def launch(*args):  # the real ones, noting when each happened
         events.append("litert started")
@@ -73,20 +75,33 @@ def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_arti
     def build(*args):
         built = real_build(*args)
         events.append(".pte built")
+        # The child converts, then waits to be told to write its model (its memory peak).
+        running = next(iter(tflite._started.values()))
+        deadline = time.monotonic() + 600
+        while not running.converted and running.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        waiting = running.converted and running.process.poll() is None and not (running.work / "model.tflite").exists()
+        events.append("litert converted, waiting" if waiting else "litert not waiting")
         return built
+
+    def finish(running):
+        parked = all(p.numel() == 0 for p in model.language.causal_lm.parameters())
+        events.append("told to go, source weights parked" if parked else "told to go, source weights in memory")
+        return real_finish(running)
 
     monkeypatch.setattr(tflite, "_launch", launch)
     monkeypatch.setattr(pte, "build", build)
+    monkeypatch.setattr(tflite._Running, "finish", finish)
     target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
-    model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
     summary = export(target, model, tmp_path / "dist")
     assert summary.ok, [(r.record["name"], r.record.get("error")) for r in summary.results]
     assert [r.record["parity"]["metrics"]["greedy_match"] for r in summary.results] == [1.0, 1.0]
-    assert events == ["litert started", ".pte built"]
+    assert events == ["litert started", ".pte built", "litert converted, waiting", "told to go, source weights parked"]
+    assert all(p.numel() > 0 for p in model.language.causal_lm.parameters())  # back after the build
     assert (summary.folder / "litert-fp32.litertlm").is_file()
     assert not list(summary.folder.glob(".staging-*")) and not tflite._started  # collected, nothing left behind
     again = export(target, model, tmp_path / "dist")  # unchanged: nothing is started ahead
-    assert again.ok and events == ["litert started", ".pte built"]
+    assert again.ok and len(events) == 4
 
 
 def test_sequential_flag_builds_the_pte_before_starting_litert(tiny_lms: dict[str, Path], tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
+from ..weights_on_disk import parked
 from . import Built, Runner, Signature, TensorSpec
 
 _float_cache: dict[str, bytes] = {}  # model fingerprint -> float flatbuffer, shared by this run's artifacts
@@ -263,10 +264,39 @@ def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
 # its peak memory is returned to the system when it exits. Its lightweight conversion reads constants
 # lazily: on the default model the child peaks at 2.63 GiB instead of 3.70 and takes 66 s instead of 79,
 # with the same ops and the same top-1/KL/greedy numbers (session 6, README "Against the issue's goals").
+# Its peak is the last few seconds (writing the float flatbuffer, then ai-edge-quantizer), so once converted
+# it waits, holding its steady 1.9 GiB, until the parent says go (a line on stdin, or the pipe closing):
+# the parent says so when its own memory is low (build_decoder, with the source weights parked), not in
+# the middle of a .pte lowering. Before quantising it drops the torch model's weights and returns the freed
+# heap (2.66 -> 2.18 GiB): the prefill/decode model is written by then, and nothing after it (tokenizer, bundle)
+# reads them for LITERT_LM_ARCHITECTURES (only gemma's per-layer embedder, not sent here, would).
 _EXPORT_HF = """
-import contextlib, io, json, sys
+import contextlib, ctypes, gc, io, json, sys
+from pathlib import Path
+from litert_torch import model as litert_model
 from litert_torch.generative.export_hf import export as export_hf
+from litert_torch.generative.export_hf.core import export_lib
 args = json.loads(sys.argv[1])
+
+write = litert_model.LiteRTModel.export
+def write_when_told(self, path):
+    (Path(args["work"]) / "converted").touch()
+    sys.stdin.readline()
+    return write(self, path)
+litert_model.LiteRTModel.export = write_when_told
+
+import torch
+quantise = export_lib.maybe_quantize_model
+def quantise_lean(*positional, **named):
+    for module in [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]:
+        for parameter in module.parameters(recurse=False):
+            parameter.data = torch.empty(0, dtype=parameter.dtype)
+    gc.collect()
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return quantise(*positional, **named)
+export_lib.maybe_quantize_model = quantise_lean
+
 with contextlib.redirect_stdout(io.StringIO()):
     export_hf.export(args["folder"], args["work"], prefill_lengths=[args["prefill"]], cache_length=args["cache"],
                      quantization_recipe=args["recipe"], bundle_litert_lm=True, keep_temporary_files=True,
@@ -281,13 +311,22 @@ class _Running:
     process: subprocess.Popen
     work: Path
 
+    @property
+    def converted(self) -> bool:
+        """Converted and waiting to be told to write (and quantise) its model."""
+        return (self.work / "converted").is_file()
+
     def finish(self) -> tuple[int, str]:
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()  # go
         code = self.process.wait()
         return code, (self.work / "stderr.txt").read_text(errors="replace")
 
     def cancel(self) -> None:
         self.process.kill()
         self.process.wait()
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -299,8 +338,8 @@ def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
     args = {"folder": str(_hf_folder(model, spec.smoothing)), "work": str(work), "recipe": _recipe(spec),
             "prefill": min(PREFILL_LENGTH, language.max_context - 1), "cache": language.max_context}
     with open(work / "stderr.txt", "w") as log:  # a file, not a pipe: nobody reads a pipe while it runs ahead
-        process = subprocess.Popen([sys.executable, "-c", _EXPORT_HF, json.dumps(args)], stdout=subprocess.DEVNULL,
-                                   stderr=log)
+        process = subprocess.Popen([sys.executable, "-c", _EXPORT_HF, json.dumps(args)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=log)
     return _Running(process, work)
 
 
@@ -334,7 +373,8 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     running = _started.pop((model.fingerprint, spec.filename), None)
     if running is None:
         running = _launch(model, spec, Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent)))
-    code, stderr = running.finish()
+    with parked(language.causal_lm, destination.parent):  # idle while the child reaches its peak
+        code, stderr = running.finish()
     work = running.work
     if code != 0:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
