@@ -217,7 +217,7 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
             if good:
                 row[field] = statistics.median(s[field] for s in good)
         sizes = {c["file"]: c["size"] for c in (record or {}).get("companions", [])}
-        program = (record or {}).get("size", 0) + sum(c["size"] for c in manifest.program_data(record or {}))
+        program = manifest.program_bytes(record or {}) or 0
         row["size_mb"] = sizes.get(key, program) / 1e6 if record else None  # a .pte counts with its .ptd
         if kind == "llama.cpp":  # its weights are the source's: the eager model is their dequantised form
             row["size_mb"] = Path(data["model"]["source"]["path"]).stat().st_size / 1e6

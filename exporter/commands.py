@@ -136,7 +136,7 @@ def render_table(records: list[dict[str, Any]], fp32_bytes: int) -> str:
     rows = [("artifact", "size MB", "vs fp32", "parity vs eager", "time s", "status")]
     for r in records:
         data = manifest.program_data(r)
-        size = r.get("size") and r["size"] + sum(c["size"] for c in data)
+        size = manifest.program_bytes(r)
         rows.append((
             r["file"] + "".join(f" + {c['file']}" for c in data),
             _fmt(size / 1e6 if size else None, 3),

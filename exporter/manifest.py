@@ -56,6 +56,11 @@ def program_data(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in record.get("companions", []) if c["file"].endswith(".ptd")]
 
 
+def program_bytes(record: dict[str, Any]) -> int | None:
+    """What an artifact's program weighs as a runner loads it: the file and its data files (None if unbuilt)."""
+    return record.get("size") and record["size"] + sum(c["size"] for c in program_data(record))
+
+
 def program_data_files(artifacts: list[dict[str, Any]]) -> dict[str, str]:
     """The .ptd files (name -> sha256) of these artifacts' programs."""
     return {c["file"]: c["sha256"] for record in artifacts for c in program_data(record)}
