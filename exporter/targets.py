@@ -7,6 +7,7 @@ type fails with the file, the key and a did-you-mean hint. Adding a target means
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -39,6 +40,7 @@ FORMAT_OPTIONS: dict[str, set[tuple[Format, str | None]]] = {
     "deployment_target": {(Format.MLPACKAGE, None), (Format.PTE, "coreml")},
     "lm_head_quant": {(Format.PTE, None)},
     "requantise": {(Format.PTE, None)},
+    "embedding_quant": {(Format.PTE, "xnnpack"), (Format.PTE, "portable")},  # Core ML decoders keep float lookups
 }
 
 
@@ -105,6 +107,8 @@ _ARTIFACT_KEYS = {
 }
 _PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
 _EMBEDDING_QUANTS = ("int8", "tied")
+# An artifact's name is the stem of the files it writes into the export folder (and onto devices).
+_PLAIN_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _type_name(expected: type) -> str:
@@ -193,10 +197,20 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
     _check_keys(parity_raw, _PARITY_KEYS, f"{where}: parity")
     if not parity_raw:
         raise TargetError(f"{where}: parity must set at least one threshold (e.g. min_cosine = 0.99)")
+    name = raw.get("name", f"{backend}-{quant}")
+    if not _PLAIN_STEM.fullmatch(name) or ".." in name:
+        raise TargetError(f"{where}: name '{name}' is not a plain file name; use letters, digits, '-', '_' and '.' "
+                          "(no '/', '\\' or '..'), e.g. name = \"xnnpack-int8\"")
     skip_layers = raw.get("skip_layers", [])
     if not all(isinstance(p, str) for p in skip_layers):
         raise TargetError(f"{where}: skip_layers must be a list of layer-name patterns (strings)")
-    name = raw.get("name") or f"{backend}-{quant}"
+    for pattern in skip_layers:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise TargetError(f"{where} ({name}): skip_layers pattern '{pattern}' is not a regular expression ({exc}); "
+                              "patterns are matched against whole layer names (e.g. 'lm_head'); "
+                              "escape a literal '(', '[' or '.' with a backslash") from exc
     return ArtifactSpec(
         name=name, format=fmt, backend=backend, quant=quant, group_size=group_size,
         compute_precision=precision, deployment_target=deployment, skip_layers=tuple(skip_layers),

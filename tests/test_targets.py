@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from exporter.errors import TargetError
 from exporter.targets import TARGETS_DIR, Format, known_targets, load_target, load_target_file
+from tests.conftest import write_target
 
 FIXTURES = Path(__file__).parent / "fixtures" / "targets"
 
@@ -49,7 +51,11 @@ BAD = {
     "smoothing_out_of_range": "must be between 0 and 1, got 1.5",
     "lm_head_quant_on_tflite": "key 'lm_head_quant' is not understood by .tflite",
     "requantise_unknown_scheme": "requantise 'int8-weight' is not one of fp32, int8-dynamic, 8da4w",
-    "tied_embedding_on_tflite": 'shares the lm_head\'s int8 table inside an XNNPACK program; it needs format = "pte"',
+    "tied_embedding_on_portable": 'shares the lm_head\'s int8 table inside an XNNPACK program; it needs format = "pte"',
+    "embedding_quant_on_tflite": "key 'embedding_quant' is not understood by .tflite (litert); remove it",
+    "embedding_quant_on_mlpackage": "key 'embedding_quant' is not understood by .mlpackage (mlprogram); remove it",
+    "skip_layers_not_a_regex": "artifact 1 (int8-head-float): skip_layers pattern 'layers.(0' is not a regular expression",
+    "name_with_path": "artifact 1: name '../x' is not a plain file name",
 }
 
 
@@ -61,6 +67,20 @@ def test_bad_target_file_names_file_key_and_fix(fixture: str) -> None:
     message = str(caught.value)
     assert str(path) in message
     assert BAD[fixture] in message
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "a..b", ".hidden", "/abs", "with space", ""])
+def test_artifact_name_must_be_a_plain_file_stem(name: str, tmp_path: Path) -> None:
+    path = write_target(tmp_path, "bad-name", f'''
+[[artifact]]
+name = {json.dumps(name)}
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_cosine = 0.99
+''')
+    with pytest.raises(TargetError, match=r"name .* is not a plain file name; use letters, digits"):
+        load_target_file(path)
 
 
 def test_every_bad_fixture_has_a_test() -> None:
