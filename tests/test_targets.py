@@ -23,6 +23,22 @@ def test_every_shipped_target_loads(path: Path) -> None:
         assert thresholds, f"{spec.name} has no parity thresholds"
 
 
+# Which thresholds can judge which kind of model (exporter/parity.py): a tensor model always has cosine
+# and max error (top-1 only when an output is logits); a language model has token agreement, KL and
+# greedy match. A threshold the model lacks is "not applicable", and an artifact with none fails.
+TENSOR_THRESHOLDS = {"min_cosine", "max_abs_error"}
+LANGUAGE_MODEL_THRESHOLDS = {"min_token_agreement", "max_mean_kl", "min_greedy_match"}
+
+
+@pytest.mark.parametrize("path", sorted(TARGETS_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_artifact_can_judge_every_kind_of_model(path: Path) -> None:
+    """Every format builds both tensor models and language models, so each artifact needs a threshold for each."""
+    for spec in load_target_file(path).artifacts:
+        thresholds = {k for k, v in vars(spec.parity).items() if v is not None}
+        assert thresholds & TENSOR_THRESHOLDS, f"{path.name}: {spec.name} cannot judge a tensor model"
+        assert thresholds & LANGUAGE_MODEL_THRESHOLDS, f"{path.name}: {spec.name} cannot judge a language model"
+
+
 def test_the_required_targets_ship() -> None:
     assert {"android", "ios", "raspberry-pi", "linux-x86_64"} <= set(known_targets())
 
