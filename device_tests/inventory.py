@@ -77,9 +77,15 @@ def load_inventory(path: Path) -> list[DeviceSpec]:
     if unknown:
         key = sorted(unknown)[0]
         raise InventoryError(f"{path}: unknown key '{key}'{did_you_mean(key, ['device'])}; devices are [[device]] tables")
+    tables = raw.get("device", [])
+    if isinstance(tables, dict):
+        raise InventoryError(f"{path}: [device] is one table; write each device as [[device]] (two brackets), "
+                             "as in devices.example.toml")
     devices = []
-    for index, table in enumerate(raw.get("device", []), start=1):
+    for index, table in enumerate(tables, start=1):
         where = f"{path}: device {index}"
+        if not isinstance(table, dict):
+            raise InventoryError(f"{where}: must be a [[device]] table, got {table!r}")
         for key, value in table.items():
             if key not in _KEYS:
                 raise InventoryError(f"{where}: unknown key '{key}'{did_you_mean(key, _KEYS)}")

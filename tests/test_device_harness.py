@@ -184,6 +184,8 @@ INVENTORY_ERRORS = {
     '[[device]]\nname = "a"\ntransport = "ssh"\nhost = "x"\nport = "22"\n': "key 'port' has the wrong type",
     '[[device]]\nname = "a"\ntransport = "ssh"\nhost = "x"\nworkdir = "/"\n': "must be a dedicated folder",
     '[[device]]\nname = "a"\ntransport = "adb"\n': "a adb device needs 'serial'",
+    '[device]\nname = "a"\ntransport = "ssh"\nhost = "x"\n': "[device] is one table; write each device as [[device]]",
+    'device = ["a"]\n': "device 1: must be a [[device]] table",
 }
 
 
