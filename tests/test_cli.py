@@ -65,6 +65,22 @@ def test_corrupt_checkpoint(bert_classifier: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli("export", "-t", "android", "-m", str(broken)), "truncated or corrupt")
 
 
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("config.json", "[1, 2]", "config.json: must hold a JSON object"),
+    ("modules.json", '[{"idx": 0, "path": ""', "modules.json: not valid JSON"),
+    ("modules.json", '{"0": "Pooling"}', "modules.json: must hold a JSON list"),
+    ("1_Pooling/config.json", '{"pooling_mode_mean_tokens": tr', "1_Pooling/config.json: not valid JSON"),
+], ids=["config-not-an-object", "modules-truncated", "modules-not-a-list", "pooling-truncated"])
+def test_checkpoint_json_that_is_cut_short_or_the_wrong_shape(name: str, text: str, message: str, bert_sentence: Path,
+                                                             tmp_path: Path) -> None:
+    broken = tmp_path / "broken-minilm"
+    shutil.copytree(bert_sentence, broken)
+    (broken / name).write_text(text)
+    assert_user_error(run_cli("export", "-t", "android", "-m", str(broken), "-o", str(tmp_path / "dist")),
+                      message, "re-save the checkpoint")
+    assert not (tmp_path / "dist").exists()
+
+
 def test_bad_target_file_by_path() -> None:
     typo = TESTS / "fixtures" / "targets" / "typo_key.toml"
     assert_user_error(run_cli("export", "-t", str(typo), "-m", MLP), "unknown key 'qaunt' (did you mean 'quant'?)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..errors import SourceError
 from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
-from .hf import load_weights_checked, model_name, read_config, weights_fingerprint
+from .hf import load_weights_checked, model_name, read_config, read_json, weights_fingerprint
 
 # model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
@@ -134,7 +133,7 @@ def load_folder(folder: Path, options: SourceOptions) -> LoadedModel:
     tokenizer = _tokenizer(folder, str(folder))
     causal_lm = load_weights_checked(AutoModelForCausalLM, folder, dtype=torch.float32)
     generation_file = folder / "generation_config.json"
-    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+    generation = read_json(generation_file) if generation_file.is_file() else {}
     return _finish(causal_lm, tokenizer, model_name(folder), {"kind": "hf-folder", "path": str(folder.resolve()),
                    "task": "text-generation"}, weights_fingerprint(folder), options, str(folder), generation)
 

@@ -29,14 +29,25 @@ SAMPLE_TEXTS = (
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+def read_json(path: Path, shape: type = dict) -> Any:
+    """A JSON file of the checkpoint, checked to hold a JSON object (or list) before anything reads a key."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise SourceError(f"{path}: not valid JSON ({exc}); the file is cut short or damaged: re-copy or "
+                          "re-save the checkpoint (save_pretrained)") from exc
+    if not isinstance(data, shape):
+        expected = "a JSON object {...}" if shape is dict else "a JSON list [...]"
+        raise SourceError(f"{path}: must hold {expected}, not a {type(data).__name__}; re-copy or re-save the "
+                          "checkpoint (save_pretrained)")
+    return data
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SourceError(f"{folder}: not a Hugging Face checkpoint folder (no config.json)")
-    try:
-        return json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{config_path}: cannot read it ({exc})") from exc
+    return read_json(config_path)
 
 
 def infer_task(config: dict[str, Any], folder: Path) -> str:
@@ -107,14 +118,17 @@ def _sentence_pooling(folder: Path) -> tuple[bool, bool]:
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return False, False
-    modules = json.loads(modules_file.read_text())
+    modules = read_json(modules_file, list)
+    if not all(isinstance(m, dict) for m in modules):
+        raise SourceError(f"{modules_file}: every entry must be a JSON object like {{\"type\": ..., \"path\": ...}}; "
+                          "re-copy or re-save the checkpoint (save_pretrained)")
     types = [m.get("type", "") for m in modules]
     pooling = any(t.endswith("Pooling") for t in types)
     normalize = any(t.endswith("Normalize") for t in types)
     for m in modules:
         if m.get("type", "").endswith("Pooling"):
             cfg = folder / m.get("path", "") / "config.json"
-            if cfg.is_file() and not json.loads(cfg.read_text()).get("pooling_mode_mean_tokens", True):
+            if cfg.is_file() and not read_json(cfg).get("pooling_mode_mean_tokens", True):
                 raise SourceError(f"{cfg}: only mean pooling is supported for sentence embeddings")
     return pooling, normalize
 
@@ -144,6 +158,7 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     loader = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    pooling, normalize = _sentence_pooling(folder) if task == "feature-extraction" else (False, False)
     model = load_weights_checked(loader, folder)
     model.eval().requires_grad_(False)
     max_positions = int(config.get("max_position_embeddings", 512))
@@ -162,7 +177,6 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
         ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    pooling, normalize = _sentence_pooling(folder) if task == "feature-extraction" else (False, False)
     wrapped: nn.Module = MeanPooling(model, normalize) if pooling else model
     sample = make_inputs(0)
     flat, names, values, outputs = prepare(wrapped, sample, what=str(folder))
