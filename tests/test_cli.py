@@ -81,6 +81,23 @@ def test_checkpoint_json_that_is_cut_short_or_the_wrong_shape(name: str, text: s
     assert not (tmp_path / "dist").exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("export", "-t", "android", "--batch-size", "0"), "argument --batch-size: must be a whole number of 1 or more, got 0"),
+    (("export", "-t", "android", "--seq-len", "-8"), "argument --seq-len: must be a whole number of 1 or more, got -8"),
+    (("export", "-t", "android", "--context-len", "0"), "argument --context-len: must be a whole number of 1 or more"),
+    (("export", "-t", "android", "--batch-size", "two"), "argument --batch-size: must be a whole number of 1 or more, "
+                                                         "got 'two'"),
+    (("device-test", "dist/x", "--iterations", "0"), "argument --iterations: must be a whole number of 1 or more"),
+], ids=["batch-size-0", "seq-len-negative", "context-len-0", "batch-size-text", "iterations-0"])
+def test_numbers_out_of_range_are_usage_errors(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    # no such model or export: whatever happens, nothing heavy runs
+    extra = ("-m", str(tmp_path / "no-model"), "-o", str(tmp_path / "dist")) if args[0] == "export" else ()
+    result = run_cli(*args, *extra)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and message in result.stderr
+    assert not (tmp_path / "dist").exists()
+
+
 def test_bad_target_file_by_path() -> None:
     typo = TESTS / "fixtures" / "targets" / "typo_key.toml"
     assert_user_error(run_cli("export", "-t", str(typo), "-m", MLP), "unknown key 'qaunt' (did you mean 'quant'?)")
