@@ -64,19 +64,48 @@ def targets_command() -> int:
     return 0
 
 
+def _check_manifest(folder: Path, data: dict[str, Any]) -> None:
+    """What validate reads, checked before any artifact runs: a manifest cut short or edited names its gap."""
+    path = folder / manifest.MANIFEST
+
+    def need(table: Any, where: str, *keys: str) -> None:
+        if not isinstance(table, dict):
+            raise ExportError(f"{path}: {where} must be a JSON object; the manifest was edited or damaged: export again")
+        for key in keys:
+            if key not in table:
+                raise ExportError(f"{path}: {where} has no '{key}'; the manifest was edited or damaged: export again")
+
+    need(data, "the manifest", "model", "golden", "artifacts")
+    need(data["model"], "model", "inputs", "outputs", "fp32_bytes")
+    need(data["golden"], "golden", "file")
+    if not isinstance(data["artifacts"], list):
+        raise ExportError(f"{path}: artifacts must be a JSON list; the manifest was edited or damaged: export again")
+    for index, record in enumerate(data["artifacts"], start=1):
+        need(record, f"artifact {index}", "file", "format", "backend")
+        if record.get("status") != "error":
+            need(record, f"artifact {index}", "thresholds", "quantisation")
+
+
 def validate_command(folder: Path) -> int:
     from .formats import format_module
     from .validate import Golden, measure, record_verdict
 
     data = manifest.require(folder)
+    _check_manifest(folder, data)
     model = data["model"]
     language_model = data["golden"].get("kind") == "language-model"
     if language_model:  # replayed from golden.npz: the model itself need not be at hand (e.g. on a Mac)
+        import zipfile
+
         import numpy as np
 
         from . import lm_parity
 
-        lm_golden = dict(np.load(folder / data["golden"]["file"]))
+        golden_path = folder / data["golden"]["file"]
+        try:
+            lm_golden = dict(np.load(golden_path))
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise ExportError(f"{golden_path}: cannot read the golden tokens ({exc}); export again") from exc
     else:
         golden = Golden.load(folder / data["golden"]["file"], [i["name"] for i in model["inputs"]], model["outputs"])
     failed = []

@@ -38,6 +38,9 @@ def read(folder: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path}: unreadable manifest ({exc}); delete the folder and export again") from exc
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: not a manifest (a JSON {type(data).__name__}, not an object); "
+                          "delete the folder and export again")
     if data.get("schema") != SCHEMA_VERSION:
         return None  # written by another version: nothing in it is reused
     return data

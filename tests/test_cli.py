@@ -159,6 +159,46 @@ def test_validate_without_manifest(tmp_path: Path) -> None:
     assert_user_error(run_cli("validate", str(tmp_path)), "no manifest.json", "run `edgeship export` first")
 
 
+def language_model_export(folder: Path, **changes: object) -> Path:
+    """A language-model export folder as `edgeship export` leaves it, minus the artifacts and golden.npz."""
+    from exporter.manifest import SCHEMA_VERSION
+
+    data = {"schema": SCHEMA_VERSION, "model": {"name": "tiny", "inputs": [], "outputs": ["logits"], "fp32_bytes": 1},
+            "golden": {"file": "golden.npz", "kind": "language-model"},
+            "artifacts": [{"name": "xnnpack-fp32", "file": "xnnpack-fp32.pte", "format": "pte", "backend": "xnnpack",
+                           "status": "passed", "thresholds": {"min_token_agreement": 0.9},
+                           "quantisation": {"layers": []}}]}
+    data.update(changes)
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_validate_language_model_without_golden_tokens(tmp_path: Path) -> None:
+    folder = language_model_export(tmp_path / "lm")
+    before = (folder / "manifest.json").read_bytes()
+    assert_user_error(run_cli("validate", str(folder)), "golden.npz: cannot read the golden tokens", "export again")
+    assert (folder / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"golden": {"kind": "language-model"}}, "manifest.json: golden has no 'file'"),
+    ({"artifacts": [{"name": "x", "file": "x.pte", "backend": "xnnpack", "status": "passed"}]},
+     "manifest.json: artifact 1 has no 'format'"),
+    ({"model": ["tiny"]}, "manifest.json: model must be a JSON object"),
+], ids=["golden-file", "artifact-format", "model-not-an-object"])
+def test_validate_names_what_the_manifest_lacks(changes: dict, message: str, tmp_path: Path) -> None:
+    folder = language_model_export(tmp_path / "lm", **changes)
+    before = (folder / "manifest.json").read_bytes()
+    assert_user_error(run_cli("validate", str(folder)), message, "export again")
+    assert (folder / "manifest.json").read_bytes() == before
+
+
+def test_validate_manifest_that_is_not_an_object(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("[]")
+    assert_user_error(run_cli("validate", str(tmp_path)), "manifest.json: not a manifest", "export again")
+
+
 def test_export_prints_summary_table(tmp_path: Path) -> None:
     target = write_target(tmp_path, "flt", FLOAT_TFLITE)
     result = run_cli("export", "-t", str(target), "-m", MLP, "-o", str(tmp_path))
