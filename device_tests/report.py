@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter import files
+from exporter.errors import DeviceError
 
 DEFAULT_REGRESSION = 0.10  # 10% slower at p50
 # Accuracy drops smaller than these are numeric noise between runs of the same artifact.
@@ -29,12 +30,25 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """run.json or a device's result: a file cut short (a killed run, a full disk) is named, never half-rendered."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{path}: not valid JSON ({exc}); the run was cut short or the file was edited: "
+                          "re-run `edgeship device-test` (or restore the file)") from exc
+    if not isinstance(data, dict):
+        raise DeviceError(f"{path}: must hold a JSON object, not a {type(data).__name__}; "
+                          "re-run `edgeship device-test` (or restore the file)")
+    return data
+
+
 def _device_results(run_folder: Path) -> list[dict[str, Any]]:
-    run = json.loads((run_folder / "run.json").read_text())
+    run = _read(run_folder / "run.json")
     results = []
     for name in run["devices"]:
         path = run_folder / f"{name}.json"
-        results.append(json.loads(path.read_text()) if path.is_file()
+        results.append(_read(path) if path.is_file()
                        else {"device": name, "ok": False, "reason": "no result (the run was interrupted)"})
     return results
 
@@ -104,7 +118,7 @@ def compare(run_folder: Path, baseline_folder: Path, threshold: float = DEFAULT_
 
 def summary(run_folder: Path, comparison: Comparison | None = None) -> dict[str, Any]:
     """What a CI pipeline reads: per device and artifact the numbers and verdicts, and the regressions."""
-    run = json.loads((run_folder / "run.json").read_text())
+    run = _read(run_folder / "run.json")
     devices: dict[str, Any] = {}
     for result in _device_results(run_folder):
         devices[result["device"]] = {"ok": bool(result.get("ok")), "reason": result.get("reason", ""), "artifacts": {}}
@@ -140,7 +154,7 @@ def _verdict(row: dict[str, Any]) -> str:
 
 
 def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> str:
-    run = json.loads((run_folder / "run.json").read_text())
+    run = _read(run_folder / "run.json")
     lines = [f"# Device run {run_folder.name}", "",
              f"Export `{run['export']}` (target {run['target']}, model {run['model']}, manifest sha256 "
              f"{run['manifest_sha256'][:12]}), runner v{run['runner_version']}, started {run['started']}.", "",
@@ -201,7 +215,7 @@ def _histogram_svg(samples: list[float], latency: dict[str, float], width: int =
 
 def render_html(run_folder: Path, comparison: Comparison | None = None) -> str:
     """One page, no external files or scripts: every value from the inventory or results is escaped."""
-    run = json.loads((run_folder / "run.json").read_text())
+    run = _read(run_folder / "run.json")
     e = html.escape
     out = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>Device run {e(run_folder.name)}</title>",
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"

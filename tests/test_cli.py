@@ -199,6 +199,21 @@ def test_validate_manifest_that_is_not_an_object(tmp_path: Path) -> None:
     assert_user_error(run_cli("validate", str(tmp_path)), "manifest.json: not a manifest", "export again")
 
 
+RUN = {"export": "dist/x", "manifest_sha256": "0" * 64, "target": "raspberry-pi", "model": "m", "devices": ["pi"],
+       "runner_version": "2", "settings": {}, "started": "now"}
+
+
+@pytest.mark.parametrize(("name", "text"), [("run.json", json.dumps(RUN)[:40]), ("pi.json", '{"device": "pi", "ok": tr'),
+                                            ("pi.json", '["pi"]')],
+                         ids=["run-truncated", "device-truncated", "device-not-an-object"])
+def test_report_on_a_cut_short_run_file(name: str, text: str, tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps(RUN))
+    (tmp_path / "pi.json").write_text(json.dumps({"device": "pi", "ok": False, "reason": "unreachable"}))
+    (tmp_path / name).write_text(text)
+    assert_user_error(run_cli("report", str(tmp_path)), f"{tmp_path / name}: ", "re-run `edgeship device-test`")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pi.json", "run.json"]
+
+
 def test_export_prints_summary_table(tmp_path: Path) -> None:
     target = write_target(tmp_path, "flt", FLOAT_TFLITE)
     result = run_cli("export", "-t", str(target), "-m", MLP, "-o", str(tmp_path))
