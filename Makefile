@@ -70,9 +70,11 @@ test-fast: $(STAMP) $(LITERTLM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Shell snippet: export (reused when unchanged) and set $$folder to the export folder (the CLI's last line
-# is the manifest's path).
-EXPORT_FOLDER = manifest=$$($(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) \
-	--output $(OUTPUT) -q $(ARGS) | tail -1); folder=$$(dirname "$$manifest")
+# is the manifest's path). An export that wrote its folder with a failed artifact (exit 1) goes on, the
+# failure shown; any other failure (a typo in TARGET, a bad MODEL) stops here with the export's own error.
+EXPORT_FOLDER = manifest=$$(set -o pipefail; $(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) \
+	--output $(OUTPUT) -q $(ARGS) | tail -1) || { status=$$?; [ $$status = 1 ] && [ -f "$$manifest" ] || exit $$status; }; \
+	folder=$$(dirname "$$manifest")
 
 # Time every artifact against eager PyTorch, alternating engines.
 bench: $(STAMP) $(LITERTLM_STAMP)

@@ -8,6 +8,7 @@ on the same real text for every artifact.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import files, manifest
+from .cli import positive_int
+from .errors import EdgeshipError, ExportError
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 DECODE_TOKENS = 64
@@ -184,7 +187,8 @@ def _run_engine(engine: str, folder: Path, artifact: str | None, prompt_tokens: 
 def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
     data = manifest.require(folder)
     if data["golden"].get("kind") != "language-model":
-        raise SystemExit("error: edgeship bench measures language-model exports; this folder holds another model")
+        raise ExportError(f"{folder}: bench measures language-model exports and this folder holds another kind of "
+                          "model; bench the export of a .gguf file or a *ForCausalLM checkpoint folder")
     engines: list[tuple[str, str | None]] = [("eager", None)]
     engines += [(a["format"], a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
     engines += [("pte-runner", a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
@@ -261,8 +265,16 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] in ("eager", "pte", "tflite", "pte-runner", "llama.cpp"):  # child process
         print(json.dumps(_worker(argv[0], Path(argv[1]), None if argv[2] == "-" else argv[2])))
         return 0
-    folder, runs = Path(argv[0]), int(argv[1]) if len(argv) > 1 else 3
-    result = bench(folder, runs)
+    parser = argparse.ArgumentParser(prog="python -m exporter.bench",
+                                     description="Time a language-model export's artifacts against eager PyTorch.")
+    parser.add_argument("folder", type=Path, help="an export folder holding manifest.json (`make bench` exports one)")
+    parser.add_argument("runs", nargs="?", type=positive_int, default=3, help="rounds over every engine (default 3)")
+    args = parser.parse_args(argv)
+    try:
+        result = bench(args.folder, args.runs)
+    except EdgeshipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path("bench") / f"{result['model']}.json"
     out.parent.mkdir(exist_ok=True)
     files.write_json(out, result)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,6 +213,19 @@ def test_report_on_a_cut_short_run_file(name: str, text: str, tmp_path: Path) ->
     (tmp_path / name).write_text(text)
     assert_user_error(run_cli("report", str(tmp_path)), f"{tmp_path / name}: ", "re-run `edgeship device-test`")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pi.json", "run.json"]
+
+
+def test_bench_without_arguments_or_export_folder(tmp_path: Path) -> None:
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "exporter.bench", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    for args, message in (((), "the following arguments are required: folder"),
+                          ((str(tmp_path), "0"), "argument runs: must be a whole number of 1 or more, got 0")):
+        result = bench(*args)  # argparse's own usage errors
+        assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
+    assert_user_error(bench(str(tmp_path)), f"{tmp_path}: no manifest.json", "run `edgeship export` first")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_prints_summary_table(tmp_path: Path) -> None:
