@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     device_test = commands.add_parser("device-test", help="run an export on devices: latency and correctness")
     device_test.add_argument("folder", help="an export folder holding manifest.json")
     device_options(device_test)
-    device_test.add_argument("--iterations", type=positive_int, default=50, help="timed iterations per artifact (default 50)")
+    device_test.add_argument("--iterations", type=positive_int, default=50,
+                             help="timed iterations per artifact (default 50)")
     device_test.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations (default 3)")
     device_test.add_argument("--time-budget", type=float, default=60.0, help="stop timing after this many seconds")
     device_test.add_argument("--results", default="results", help="where run folders go (default results/)")

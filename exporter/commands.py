@@ -70,7 +70,8 @@ def _check_manifest(folder: Path, data: dict[str, Any]) -> None:
 
     def need(table: Any, where: str, *keys: str) -> None:
         if not isinstance(table, dict):
-            raise ExportError(f"{path}: {where} must be a JSON object; the manifest was edited or damaged: export again")
+            raise ExportError(f"{path}: {where} must be a JSON object; the manifest was edited or damaged: "
+                              "export again")
         for key in keys:
             if key not in table:
                 raise ExportError(f"{path}: {where} has no '{key}'; the manifest was edited or damaged: export again")

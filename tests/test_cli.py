@@ -83,7 +83,8 @@ def test_checkpoint_json_that_is_cut_short_or_the_wrong_shape(name: str, text: s
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("export", "-t", "android", "--batch-size", "0"), "argument --batch-size: must be a whole number of 1 or more, got 0"),
+    (("export", "-t", "android", "--batch-size", "0"),
+     "argument --batch-size: must be a whole number of 1 or more, got 0"),
     (("export", "-t", "android", "--seq-len", "-8"), "argument --seq-len: must be a whole number of 1 or more, got -8"),
     (("export", "-t", "android", "--context-len", "0"), "argument --context-len: must be a whole number of 1 or more"),
     (("export", "-t", "android", "--batch-size", "two"), "argument --batch-size: must be a whole number of 1 or more, "
@@ -204,8 +205,8 @@ RUN = {"export": "dist/x", "manifest_sha256": "0" * 64, "target": "raspberry-pi"
        "runner_version": "2", "settings": {}, "started": "now"}
 
 
-@pytest.mark.parametrize(("name", "text"), [("run.json", json.dumps(RUN)[:40]), ("pi.json", '{"device": "pi", "ok": tr'),
-                                            ("pi.json", '["pi"]')],
+@pytest.mark.parametrize(("name", "text"), [("run.json", json.dumps(RUN)[:40]),
+                                            ("pi.json", '{"device": "pi", "ok": tr'), ("pi.json", '["pi"]')],
                          ids=["run-truncated", "device-truncated", "device-not-an-object"])
 def test_report_on_a_cut_short_run_file(name: str, text: str, tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps(RUN))

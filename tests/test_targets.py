@@ -70,7 +70,8 @@ BAD = {
     "tied_embedding_on_portable": 'shares the lm_head\'s int8 table inside an XNNPACK program; it needs format = "pte"',
     "embedding_quant_on_tflite": "key 'embedding_quant' is not understood by .tflite (litert); remove it",
     "embedding_quant_on_mlpackage": "key 'embedding_quant' is not understood by .mlpackage (mlprogram); remove it",
-    "skip_layers_not_a_regex": "artifact 1 (int8-head-float): skip_layers pattern 'layers.(0' is not a regular expression",
+    "skip_layers_not_a_regex":
+        "artifact 1 (int8-head-float): skip_layers pattern 'layers.(0' is not a regular expression",
     "name_with_path": "artifact 1: name '../x' is not a plain file name",
 }
 
