@@ -43,17 +43,20 @@ def mse_int4(weight: torch.Tensor) -> torch.Tensor:
 def main(path: Path) -> None:
     model = load_model(str(path)).language
     causal_lm, tokenizer = model.causal_lm.eval(), model.tokenizer
-    ids = torch.tensor([tokenizer(lm_parity.eval_text())["input_ids"][: lm_parity.EVAL_TOKENS + 1]])
-    with torch.no_grad():
-        reference = torch.log_softmax(causal_lm(ids).logits[0, :-1].double(), -1)
+    texts = [torch.tensor([ids]) for ids in lm_parity.eval_texts(tokenizer, model.chat_template, model.max_context).values()]
+
+    def log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([torch.log_softmax(causal_lm(ids).logits[0, :-1].double(), -1) for ids in texts])
+
+    reference = log_probs()
     linears = {name: causal_lm.get_submodule(name) for name in read_blocks(path, causal_lm)}
     original = {name: layer.weight.detach().clone() for name, layer in linears.items()}
 
     def score(requantise, chosen) -> str:
         for name, layer in linears.items():
             layer.weight.data.copy_(requantise(original[name]) if name in chosen else original[name])
-        with torch.no_grad():
-            got = torch.log_softmax(causal_lm(ids).logits[0, :-1].double(), -1)
+        got = log_probs()
         top1 = (got.argmax(-1) == reference.argmax(-1)).double().mean().item()
         kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
         return f"top-1 {top1:.3f}  KL {kl:.4f}"

@@ -355,23 +355,27 @@ def replay_golden(job, golden, run_set):
 
 
 def teacher_forced(step, golden):
-    """Next-token agreement with the reference over the golden text, and KL over the reference's top-32
-    tokens (a lower bound of the full KL). Stops early, naming it, if the runtime returns all-zero logits."""
+    """Next-token agreement with the reference over the golden texts, and KL over the reference's top-32
+    tokens (a lower bound of the full KL). Each text starts at position 0 (``text_starts``; one text in
+    golden files without it). Stops early, naming it, if the runtime returns all-zero logits."""
     import numpy as np
 
     text, top_ids, top_logprobs = golden["text_ids"], golden["top_ids"], golden["top_logprobs"]
-    agree, kls = 0, []
-    for position, token in enumerate(text[:-1]):
-        logits = np.asarray(step([int(token)], position), np.float64)
-        if position == 0 and not np.any(logits):
-            raise RuntimeError("the runtime returned all-zero logits: it cannot run this program correctly "
-                               "(tflite-runtime 2.14 does this with litert-torch LLM exports; install ai-edge-litert)")
-        agree += int(np.argmax(logits) == top_ids[position, 0])
-        logp = logits - logits.max()
-        logp = logp - np.log(np.exp(logp).sum())
-        want = top_logprobs[position].astype(np.float64)
-        kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
-    return agree / max(len(text) - 1, 1), (sum(kls) / len(kls) if kls else 0.0)
+    starts = [int(s) for s in golden.get("text_starts", [0])] + [len(text)]
+    agree, kls, row = 0, [], 0
+    for begin, end in zip(starts, starts[1:]):
+        for position, token in enumerate(text[begin:end - 1]):
+            logits = np.asarray(step([int(token)], position), np.float64)
+            if row == 0 and not np.any(logits):
+                raise RuntimeError("the runtime returned all-zero logits: it cannot run this program correctly "
+                                   "(tflite-runtime 2.14 does this with litert-torch LLM exports; install ai-edge-litert)")
+            agree += int(np.argmax(logits) == top_ids[row, 0])
+            logp = logits - logits.max()
+            logp = logp - np.log(np.exp(logp).sum())
+            want = top_logprobs[row].astype(np.float64)
+            kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[row]]))))
+            row += 1
+    return agree / max(row, 1), (sum(kls) / len(kls) if kls else 0.0)
 
 
 def judge(metrics, thresholds):

@@ -155,9 +155,14 @@ _SHOWN_METRICS = {"cosine": "cosine", "max_abs_error": "max err", "top1": "top-1
                   "mean_kl": "KL", "greedy_match": "greedy"}
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return "" if bounds is None else f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
 def _parity_cell(record: dict[str, Any]) -> str:
     metrics = (record.get("parity") or {}).get("metrics", {})
-    shown = [f"{label} {metrics[key]:.4g}" for key, label in _SHOWN_METRICS.items() if key in metrics]
+    shown = [f"{label} {metrics[key]:.4g}{_interval(metrics.get(key + '_ci95'))}"
+             for key, label in _SHOWN_METRICS.items() if key in metrics]
     return ", ".join(shown) or ("pending a Mac" if record.get("status") == "pending-mac" else "-")
 
 

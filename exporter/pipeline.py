@@ -68,12 +68,13 @@ def artifact_key(model: LoadedModel, spec: ArtifactSpec, toolchain: dict[str, st
 
 
 def _data_fingerprint() -> str:
-    """Evaluation text, prompts and calibration text: changing any of them changes verdicts or bytes."""
+    """Evaluation texts, prompts and calibration text: changing any of them changes verdicts or bytes."""
     from importlib import resources
 
     digest = hashlib.sha256()
-    for name in ("eval_text.txt", "prompts.txt", "calibration_text.txt"):
-        digest.update(resources.files("exporter.data").joinpath(name).read_bytes())
+    for entry in sorted(resources.files("exporter.data").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".txt", ".json")):
+            digest.update(entry.name.encode() + entry.read_bytes())
     return digest.hexdigest()
 
 
