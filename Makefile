@@ -24,12 +24,20 @@ BENCH_RUNS ?= 3
 # its own: bench times the bundles in it, and a test proves the bundles load there.
 LITERTLM_VENV ?= .venv-litertlm
 LITERTLM_STAMP := $(LITERTLM_VENV)/.edgeship-installed
+# ANCHORS=1: bench also times optimum-executorch's .pte of the same model (exporter/anchors.py). It pins
+# transformers 5.0.0rc1, so it lives in an environment of its own, made on the first such run.
+ANCHORS ?=
+ANCHORS_ON := $(filter 1 yes true,$(ANCHORS))
+OPTIMUM_VENV ?= .venv-optimum
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.edgeship-installed
 
 .PHONY: help env system-packages export targets validate test test-fast bench device-test devices-check clean distclean
 
 help:
 	@echo "make export TARGET=android [MODEL=path] [OUTPUT=dist] [ARGS='--only pte']"
 	@echo "make test | make bench | make targets | make validate DIR=dist/<target>/<model>"
+	@echo "make bench ANCHORS=1: also optimum-executorch's 8da4w .pte of the same model, timed in the same rounds and"
+	@echo "  measured on the same text (first run: installs .venv-optimum, ~80 s; builds the anchor, ~6 min, then cached)"
 	@echo "make clean (exports) | make distclean (also the virtual environment)"
 
 env: $(STAMP)
@@ -46,6 +54,13 @@ $(LITERTLM_STAMP):
 	@test -x $(LITERTLM_VENV)/bin/python || $(PYTHON) -m venv $(LITERTLM_VENV)
 	@echo "edgeship: installing LiteRT-LM's engine into $(LITERTLM_VENV) (first run only)"
 	@$(LITERTLM_VENV)/bin/pip install --quiet --disable-pip-version-check litert-lm-api==0.18.1 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $@
+
+$(OPTIMUM_STAMP): bench/optimum-constraints.txt
+	@test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
+	@echo "edgeship: installing optimum-executorch into $(OPTIMUM_VENV) (first ANCHORS=1 run only)"
+	@$(OPTIMUM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)  # first and alone
+	@$(OPTIMUM_VENV)/bin/pip install --quiet --disable-pip-version-check -c bench/optimum-constraints.txt optimum-executorch==1.1.0 2> >(grep -v "is ignored: it is neither" >&2)
 	@touch $@
 
 # Debian packages the device-harness tests need (a real sshd plays the board).
@@ -76,9 +91,11 @@ EXPORT_FOLDER = manifest=$$(set -o pipefail; $(BIN)/edgeship export --target $(T
 	--output $(OUTPUT) -q $(ARGS) | tail -1) || { status=$$?; [ $$status = 1 ] && [ -f "$$manifest" ] || exit $$status; }; \
 	folder=$$(dirname "$$manifest")
 
-# Time every artifact against eager PyTorch, alternating engines.
-bench: $(STAMP) $(LITERTLM_STAMP)
-	@$(EXPORT_FOLDER); EDGESHIP_LITERTLM_PYTHON=$(LITERTLM_VENV)/bin/python $(BIN)/python -m exporter.bench "$$folder" $(BENCH_RUNS)
+# Time every artifact against eager PyTorch, alternating engines (ANCHORS=1: and optimum-executorch's .pte).
+bench: $(STAMP) $(LITERTLM_STAMP) $(if $(ANCHORS_ON),$(OPTIMUM_STAMP))
+	@$(EXPORT_FOLDER); EDGESHIP_LITERTLM_PYTHON=$(LITERTLM_VENV)/bin/python \
+		$(if $(ANCHORS_ON),EDGESHIP_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python) \
+		$(BIN)/python -m exporter.bench "$$folder" $(BENCH_RUNS) $(if $(ANCHORS_ON),--anchors)
 
 # Export (reused when unchanged), then run it on every device of the inventory that serves TARGET.
 device-test: $(STAMP)
@@ -91,4 +108,4 @@ clean:
 	rm -rf $(OUTPUT) .pytest_cache
 
 distclean: clean
-	rm -rf $(VENV) $(LITERTLM_VENV)
+	rm -rf $(VENV) $(LITERTLM_VENV) $(OPTIMUM_VENV)

@@ -3,7 +3,9 @@
 Each engine runs in a fresh process (so load time and peak RSS are its own), engines alternate
 round-robin for ``runs`` rounds, and medians are reported: these machines are noisy, only a
 comparison made in one run means anything. Faithfulness comes from the export's manifest, measured
-on the same real text for every artifact.
+on the same real text for every artifact. With ``--anchors`` (``make bench ANCHORS=1``), optimum-executorch's
+.pte of the same model joins the rounds as a reference point, its faithfulness measured on that text by the
+same code (exporter/anchors.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from . import files, manifest
+from .anchors import LABEL as ANCHOR_LABEL
+from .anchors import require_optimum_python
 from .cli import positive_int
 from .errors import EdgeshipError, ExportError
 
@@ -32,7 +37,10 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
     import numpy as np
 
     if engine == "pte-runner":
-        return _text_llm_runner(folder, artifact or "")
+        record = next(a for a in manifest.require(folder)["artifacts"] if a["name"] == artifact)
+        return _text_llm_runner(folder, folder / record["file"])
+    if engine == "anchor-runner":  # a program outside the manifest, by its path
+        return _text_llm_runner(folder, Path(artifact or ""))
     if engine == "llama.cpp":
         return _llama_cpp(folder)
 
@@ -68,20 +76,19 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _text_llm_runner(folder: Path, artifact: str) -> dict[str, Any]:
+def _text_llm_runner(folder: Path, program: Path) -> dict[str, Any]:
     """The .pte in ExecuTorch's own TextLLMRunner, the C++ generation loop its apps and llama_main run (no
-    Python between steps). Its report counts milliseconds; it stops early only at EOS."""
+    Python between steps), with the .ptd of the same stem if there is one. Its report counts milliseconds;
+    it stops early only at EOS."""
     from transformers import AutoTokenizer
 
     from .formats.pte import text_llm_runner_generate
 
-    record = next(a for a in manifest.require(folder)["artifacts"] if a["name"] == artifact)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = prompt_ids(tokenizer)
     prompt = tokenizer.decode(ids)  # the runner tokenises text: special tokens in it are read as such
     # prefill gives the first token, then DECODE_TOKENS decode steps
-    _, r, built_s = text_llm_runner_generate(folder / record["file"], folder / "tokenizer.json", prompt,
-                                             DECODE_TOKENS + 1)
+    _, r, built_s = text_llm_runner_generate(program, folder / "tokenizer.json", prompt, DECODE_TOKENS + 1)
     if r["prompt_tokens"] != len(ids):
         raise RuntimeError(f"TextLLMRunner read the prompt as {r['prompt_tokens']} tokens, the tokenizer as {len(ids)}")
     prefill_ms = max(r["prompt_eval_end_ms"] - r["inference_start_ms"], 1)
@@ -184,11 +191,32 @@ def _run_engine(engine: str, folder: Path, artifact: str | None, prompt_tokens: 
     return json.loads(lines[-1])
 
 
-def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
+def _anchor(folder: Path) -> dict[str, Any]:
+    """optimum-executorch's .pte of the model, built (or reused) and measured in a child process before the
+    rounds, so that neither its export nor the loaded reference model shares the machine with a timing."""
+    command = [sys.executable, "-m", "exporter.anchors", str(folder)]
+    with tempfile.TemporaryFile("w+") as out, subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE,
+                                                               text=True) as child:
+        said = []
+        for line in child.stderr or []:  # its stage lines, shown as they come
+            sys.stderr.write(line)
+            said.append(line.strip())
+        child.wait()
+        out.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("{")]
+    if child.returncode != 0 or not lines:
+        errors = [line.removeprefix("error: ") for line in said if line.startswith("error: ")]
+        return {"error": (errors or said or [f"exporter.anchors exited {child.returncode}"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def bench(folder: Path, runs: int = 3, *, anchors: bool = False) -> dict[str, Any]:
     data = manifest.require(folder)
     if data["golden"].get("kind") != "language-model":
         raise ExportError(f"{folder}: bench measures language-model exports and this folder holds another kind of "
                           "model; bench the export of a .gguf file or a *ForCausalLM checkpoint folder")
+    if anchors:
+        require_optimum_python()  # before any work
     engines: list[tuple[str, str | None]] = [("eager", None)]
     engines += [(a["format"], a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
     engines += [("pte-runner", a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
@@ -198,13 +226,17 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
     if litertlm_python() is not None:  # the bundle as LiteRT-LM runs it in an app
         engines += [("litertlm", c["file"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
                     for c in a.get("companions", []) if c["file"].endswith(".litertlm")]
+    anchor: dict[str, Any] = _anchor(folder) if anchors else {}
+    if anchor:  # a failed anchor still gets its row, with the error
+        engines += [("anchor-runner", anchor.get("program"))]
     from transformers import AutoTokenizer
 
     prompt_tokens = len(prompt_ids(AutoTokenizer.from_pretrained(str(folder))))
     samples: dict[tuple[str, str | None], list[dict[str, Any]]] = {engine: [] for engine in engines}
     for _ in range(runs):  # round-robin: every engine sees the same machine conditions
         for kind, name in engines:
-            samples[(kind, name)].append(_run_engine(kind, folder, name, prompt_tokens))
+            samples[(kind, name)].append({"error": anchor["error"]} if kind == "anchor-runner" and "error" in anchor
+                                         else _run_engine(kind, folder, name, prompt_tokens))
     rows = []
     for kind, name in engines:
         key = name or kind
@@ -213,7 +245,7 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
                        or any(c["file"] == name for c in a.get("companions", []))), None)
         metrics = ((record or {}).get("parity") or {}).get("metrics", {})
         label = {"litertlm": f"{key} (LiteRT-LM)", "pte-runner": f"{key} (ExecuTorch runner)",
-                 "llama.cpp": "llama.cpp (source GGUF)"}.get(kind, key)
+                 "llama.cpp": "llama.cpp (source GGUF)", "anchor-runner": ANCHOR_LABEL}.get(kind, key)
         row: dict[str, Any] = {"engine": label, "runs": len(good)}
         if not good:
             row["error"] = samples[(kind, name)][0].get("error")
@@ -226,9 +258,17 @@ def bench(folder: Path, runs: int = 3) -> dict[str, Any]:
         if kind == "llama.cpp":  # its weights are the source's: the eager model is their dequantised form
             row["size_mb"] = Path(data["model"]["source"]["path"]).stat().st_size / 1e6
             row["token_agreement"] = row["mean_kl"] = None
+        elif kind == "anchor-runner":  # measured by exporter.anchors against the export's reference
+            metrics = anchor.get("metrics", {})
+            row["size_mb"] = anchor["size_bytes"] / 1e6 if "size_bytes" in anchor else None
+            row["token_agreement"], row["mean_kl"] = metrics.get("token_agreement"), metrics.get("mean_kl")
+            row["greedy_match"] = metrics.get("greedy_match")
         else:
             row["token_agreement"] = 1.0 if record is None else metrics.get("token_agreement")
             row["mean_kl"] = 0.0 if record is None else metrics.get("mean_kl")
+        if metrics.get("by_kind"):
+            row["by_kind"] = {k: {"token_agreement": v["token_agreement"], "mean_kl": v["mean_kl"]}
+                              for k, v in metrics["by_kind"].items()}
         rows.append(row)
     return {"model": data["model"]["name"], "folder": str(folder), "runs": runs, "decode_tokens": DECODE_TOKENS,
             "prompt": PROMPT, "machine": _machine(), "rows": rows}
@@ -258,20 +298,33 @@ def render(result: dict[str, Any]) -> str:
                                  f("prefill_tokens_per_s", ".0f"), f("decode_tokens_per_s", ".0f"),
                                  f("peak_rss_mb", ".0f"), f("size_mb", ".0f"), f("token_agreement", ".3f"),
                                  f("mean_kl", ".4f"))))
+    kinds = list(dict.fromkeys(k for row in result["rows"] for k in row.get("by_kind", {})))
+    if kinds:  # faithfulness per kind of text: where an artifact loses agreement
+        lines += ["", " | ".join(("top-1 / KL by kind", *kinds)), " | ".join("---" for _ in range(len(kinds) + 1))]
+        for row in result["rows"]:
+            by_kind = row.get("by_kind", {})
+            if by_kind and "error" not in row:
+                cells = (f"{by_kind[k]['token_agreement']:.3f} / {by_kind[k]['mean_kl']:.4f}" if k in by_kind else "-"
+                         for k in kinds)
+                lines.append(" | ".join((row["engine"], *cells)))
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[0] in ("eager", "pte", "tflite", "pte-runner", "llama.cpp"):  # child process
+    children = ("eager", "pte", "tflite", "pte-runner", "anchor-runner", "llama.cpp")
+    if len(argv) == 3 and argv[0] in children:  # child process
         print(json.dumps(_worker(argv[0], Path(argv[1]), None if argv[2] == "-" else argv[2])))
         return 0
     parser = argparse.ArgumentParser(prog="python -m exporter.bench",
                                      description="Time a language-model export's artifacts against eager PyTorch.")
     parser.add_argument("folder", type=Path, help="an export folder holding manifest.json (`make bench` exports one)")
     parser.add_argument("runs", nargs="?", type=positive_int, default=3, help="rounds over every engine (default 3)")
+    parser.add_argument("--anchors", action="store_true",
+                        help="also time optimum-executorch's .pte of the same model (from .venv-optimum; "
+                             "exporter/anchors.py)")
     args = parser.parse_args(argv)
     try:
-        result = bench(args.folder, args.runs)
+        result = bench(args.folder, args.runs, anchors=args.anchors)
     except EdgeshipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
