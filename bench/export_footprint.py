@@ -10,8 +10,8 @@ PSS) in GiB, to see which phases overlap at the peak.
 
     .venv/bin/python bench/export_footprint.py --target android --output /tmp/footprint [--sequential]
 
-Measured (README "Against the issue's goals", session 8): default 3 min 51 s, 3.77 GiB tree PSS, the
-largest process 2.96 GiB (session 6: 3 min 45 s, 4.60 GiB).
+Measured (docs/measurements.md "Export time and memory"): default 3 min 51 s, 3.77 GiB tree PSS, the
+largest process 2.96 GiB.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ in alternation, medians of 3 rounds of 200 steps. Usage (about 10 minutes for 30
 
     .venv/bin/python bench/linear_formulations.py [LAYERS]
 
-Measured here, 30 layers (README "Against the issue's goals"): int8 per channel 6.0 ms, 8da4w with an
+Measured here, 30 layers (docs/measurements.md "Decode step: where the time goes"): int8 per channel 6.0 ms, 8da4w with an
 int8 lm_head 4.4 ms, carried Q4_1 blocks 6.5 ms, carried with q/k/v and gate/up fused 5.75 ms.
 """
 

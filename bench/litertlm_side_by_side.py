@@ -1,10 +1,10 @@
 """Two .litertlm bundles side by side in LiteRT-LM's engine (run with .venv-litertlm/bin/python):
 each measurement in a fresh process, bundles alternating, 5 rounds, medians; with LiteRT-LM's default
-CPU settings and a 21-token prefill (how the issue's reference was measured), then with 2 threads.
+CPU settings and a 21-token prefill (how LiteRT-LM's own benchmark is usually quoted), then with 2 threads.
 
     .venv-litertlm/bin/python bench/litertlm_side_by_side.py A.litertlm B.litertlm
 
-Measured (README "The .litertlm in LiteRT-LM"): edgeship's android bundle and litert-torch's own
+Measured (docs/measurements.md "The .litertlm in LiteRT-LM against litert-torch's own bundle"): edgeship's android bundle and litert-torch's own
 export_hf bundle of SmolLM2-135M decode within 5% of each other.
 """
 

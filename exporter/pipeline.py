@@ -99,7 +99,7 @@ def export(
 ) -> ExportSummary:
     """``parallel``: a language model's litert-torch export (a child process) starts first and converts on
     another core while this process builds the other artifacts (on 2 cores 0.84x the time of building
-    one after the other, 3.77 instead of 3.50 GiB for all processes: README "Against the issue's goals")."""
+    one after the other, 3.77 instead of 3.50 GiB for all processes: docs/measurements.md "Export time and memory")."""
     progress = progress or Progress(quiet=True)
     folder = output_root / target.name / model.name
     specs = [s for s in target.artifacts if not only or s.format.value in only or s.name in only]

@@ -3,7 +3,7 @@
 The .pte build deep-copies the fp32 source model and spends minutes lowering the copy; meanwhile the
 original (0.54 GB for SmolLM2-135M) sat idle in memory while litert-torch's child process peaked beside it.
 Parked, the parameters are empty tensors and their values wait in a file (the page cache, which the
-kernel may drop), so the export's processes fit in less memory together (README "Against the issue's goals").
+kernel may drop), so the export's processes fit in less memory together (docs/language-models.md "How an export uses memory").
 """
 
 from __future__ import annotations

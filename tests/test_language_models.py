@@ -201,7 +201,7 @@ def test_default_model_exports_for_android_and_answers_through_both_runtimes(tmp
     pte = manifest["artifacts"][0]
     assert pte["status"] == "passed"
     assert pte["parity"]["metrics"]["token_agreement"] >= 0.9 and pte["parity"]["metrics"]["mean_kl"] <= 0.03
-    # "What is the capital of Japan?": the eager model answers it decisively (see README on near-ties)
+    # "What is the capital of Japan?": the eager model answers it decisively (docs/language-models.md "How faithfulness is measured")
     assert "Tokyo" in pte["text_llm_runner"]["text"]  # ExecuTorch's own TextLLMRunner, unchanged
     # The tied embedding/lm_head table stored once, in the .ptd: the pair within 10% of the weights at 8 bits.
     data = pte["companions"][0]

@@ -263,7 +263,7 @@ def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
 # (an int8 export left later ExecuTorch lowerings of Qwen/Phi models failing in the same process), and
 # its peak memory is returned to the system when it exits. Its lightweight conversion reads constants
 # lazily: on the default model the child peaks at 2.63 GiB instead of 3.70 and takes 66 s instead of 79,
-# with the same ops and the same top-1/KL/greedy numbers (session 6, README "Against the goals").
+# with the same ops and the same top-1/KL/greedy numbers (docs/measurements.md "Export time and memory").
 # Its peak is the last few seconds (writing the float flatbuffer, then ai-edge-quantizer), so once converted
 # it waits, holding its steady 1.9 GiB, until the parent says go (a line on stdin, or the pipe closing):
 # the parent says so when its own memory is low (build_decoder, with the source weights parked), not in

@@ -3,7 +3,7 @@
 torchao writes its quantised linears with ``choose_qparams_affine`` / ``quantize_affine`` /
 ``dequantize_affine``, ops that are CompositeImplicitAutograd: every pass of ExecuTorch's lowering
 re-traces the graph with fake tensors and decomposes all of them again in Python, a third of the
-.pte build of a language model (py-spy, session 6). ``quantized_decomposed``'s per-token, per-channel
+.pte build of a language model (measured with py-spy). ``quantized_decomposed``'s per-token, per-channel
 and per-channel-group ops carry meta kernels, and XNNPACK's partitioner matches them to the same
 dynamically quantised linear (int8 per channel, or 4-bit blocks). The integers and scales are
 torchao's own, so the program computes exactly what it did before; XNNPACK chooses each token's
