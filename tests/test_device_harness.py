@@ -303,7 +303,10 @@ def test_language_model_on_an_executorch_board_measures_tokens_per_second_and_ma
     from exporter.sources import SourceOptions
     from tests.conftest import make_tiny_gguf
 
-    both = write_target(tmp_path, "android-q4-and-tflite", load_target("android-q4").path.read_text() + """
+    # android-q4's own thresholds are set for the real model; a tiny random one agrees less with itself
+    q4 = load_target("android-q4").path.read_text()
+    q4 = q4.replace("min_token_agreement = 0.9", "min_token_agreement = 0.8").replace("max_mean_kl = 0.03", "max_mean_kl = 0.1")
+    both = write_target(tmp_path, "android-q4-and-tflite", q4 + """
 [[artifact]]
 format = "tflite"
 quant = "int8-dynamic"
