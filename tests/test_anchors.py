@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from exporter import anchors, files, lm_parity
-from tests.conftest import ROOT, export_tiny_lm_pte, make_tiny_lm, run_cli
+from tests.conftest import ROOT, export_tiny_lm_pte, make_tiny_gguf, make_tiny_lm, run_cli
 
 VOCAB, DIM, MAX_SEQ = 40, 16, 64
 
@@ -128,11 +128,13 @@ out.mkdir(parents=True)
 
 
 def test_fake_optimum_cli_builds_the_anchor_once_per_model_and_recipe(
-        tmp_path: Path, smollm2_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
     from exporter.sources import SourceOptions, load_model
 
-    model = load_model(str(make_tiny_lm(tmp_path / "tiny-llama", "llama", smollm2_tokenizer_folder)),
-                       SourceOptions(context_len=64))
+    # a GGUF, as the default model: transformers keeps its quantiser on the dequantised model
+    model = load_model(str(make_tiny_gguf(tmp_path / "tiny.gguf")), SourceOptions(context_len=64))
     folder = tmp_path / "export"
     folder.mkdir()
     files.write_json(folder / "manifest.json", {"schema": 1, "model": {"fingerprint": "abc", "fp32_bytes": 1000}})
@@ -147,7 +149,10 @@ def test_fake_optimum_cli_builds_the_anchor_once_per_model_and_recipe(
     assert command[:3] == ["-m", "optimum.commands.optimum_cli", "export"]
     assert command[command.index("--model") + 1] == str(folder / "anchors" / "hf")
     assert " ".join(anchors.RECIPE) in " ".join(command)
-    assert (folder / "anchors" / "hf" / "config.json").is_file()  # the checkpoint optimum-cli reads
+    saved = AutoModelForCausalLM.from_pretrained(str(folder / "anchors" / "hf")).eval()  # what optimum-cli reads
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, model.language.causal_lm(ids).logits)
     assert not list((folder / "anchors").glob(".staging-*"))
 
     assert anchors.export_anchor(folder, model.language) == anchor  # unchanged: reused, not rebuilt
