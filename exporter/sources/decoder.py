@@ -202,9 +202,11 @@ def _load_gguf(path: Path, options: SourceOptions) -> LoadedModel:
                                                          local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise SourceError(f"{path}: transformers could not load this GGUF ({str(exc).splitlines()[0][:200]})") from exc
-    # The GGUF's quantisation config would stop save_pretrained and is not ours to carry further.
+    # The GGUF's quantisation config (and transformers' quantiser object) would stop save_pretrained and are
+    # not ours to carry further: the weights are plain fp32 tensors now.
     if getattr(causal_lm.config, "quantization_config", None) is not None:
         del causal_lm.config.quantization_config
+    causal_lm.hf_quantizer = None
     name = path.stem.replace(".", "-").lower()
     generation = {k: v for k, v in causal_lm.generation_config.to_dict().items()
                   if k in ("eos_token_id", "bos_token_id", "temperature", "top_p", "top_k")}
