@@ -18,7 +18,7 @@ from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from ..weights_on_disk import parked
-from . import Built, Runner, Signature, TensorSpec, tied_table
+from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table
 from .xnnpack_linears import retrace_friendly
 
 # "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
@@ -113,7 +113,7 @@ def release_lowering_leftovers() -> None:
     last node they rejected in module-level WhyNoPartition loggers, FakeTensorMode's class-wide dispatch
     cache keys hold the lowered delegate modules (with their original programs), and torch.export keeps a
     map of the last trace's proxies. Each node holds its whole graph with its fake tensors: after the
-    default model's .pte, 19,000 nodes kept for the rest of the process (README "Against the issue's goals")."""
+    default model's .pte, 19,000 nodes kept for the rest of the process (docs/language-models.md "How an export uses memory")."""
     from executorch.exir.backend import utils
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental import proxy_tensor
@@ -253,14 +253,19 @@ def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
 
 
 def _carried_blocks(model: LoadedModel, causal_lm: torch.nn.Module, spec: ArtifactSpec) -> dict[str, Any]:
-    """The GGUF's Q4_1 blocks by linear name, when the artifact wants int4 blocks of that size (else {})."""
-    from ..sources.gguf_blocks import GROUP, read_blocks
+    """Q4_1 blocks by linear name, when the artifact wants int4 blocks of that size (else {}): read from
+    a GGUF source, or recovered from a HF folder's weights that are a dequantised Q4_1 GGUF."""
+    from ..sources.gguf_blocks import GROUP, blocks_in_model, read_blocks
 
     scheme = SCHEMES[spec.quant]
-    if (model.source.get("kind") != "gguf" or spec.backend != "xnnpack" or scheme.weight_bits != 4
-            or not scheme.dynamic_activations or spec.group_size != GROUP):
+    if (spec.backend != "xnnpack" or scheme.weight_bits != 4 or not scheme.dynamic_activations
+            or spec.group_size != GROUP or model.source.get("kind") not in ("gguf", "hf-folder")):
         return {}
-    blocks = read_blocks(Path(model.source["path"]), causal_lm)
+    if model.source["kind"] == "gguf":
+        blocks = read_blocks(Path(model.source["path"]), causal_lm)
+    else:
+        head = causal_lm.get_output_embeddings()
+        blocks = {name: b for name, b in blocks_in_model(causal_lm).items() if causal_lm.get_submodule(name) is not head}
     return {name: b for name, b in blocks.items()
             if not any(re.fullmatch(pattern, f"inner.{name}") for pattern in spec.skip_layers)}
 
@@ -271,11 +276,10 @@ def _with_scheme(spec: ArtifactSpec, quant: str, skip: list[str]) -> ArtifactSpe
                    skip_layers=spec.skip_layers + tuple(skip))
 
 
-def _quantise_linears(decoder: torch.nn.Module, spec: ArtifactSpec, carried: dict[str, Any]) -> list[LayerDecision]:
+def _quantise_linears(decoder: torch.nn.Module, spec: ArtifactSpec, carried: dict[str, Any],
+                      language: Any) -> list[LayerDecision]:
     """Carried GGUF blocks as they are, the lm_head with lm_head_quant, every other linear with
     requantise (or quant): one decision per linear, in model order."""
-    from .. import llm
-
     head = next(n for n, m in decoder.named_modules() if m is decoder.inner.get_output_embeddings())
     carried = {f"inner.{name}": blocks for name, blocks in carried.items()}
     set_apart = [re.escape(n) for n in carried] + ([re.escape(head)] if spec.lm_head_quant else [])
@@ -285,10 +289,31 @@ def _quantise_linears(decoder: torch.nn.Module, spec: ArtifactSpec, carried: dic
         _, head_plan = quantise(decoder, _with_scheme(spec, spec.lm_head_quant, [f"(?!{re.escape(head)}$).*"]),
                                 in_place=True)
         by_name[head] = next(d for d in head_plan if d.name == head)
-    for name in llm.carry_blocks(decoder, carried):
-        by_name[name] = LayerDecision(name, "linear", by_name[name].shape, True,
-                                      "int4 groups of 32 carried exactly from the GGUF's Q4_1 blocks (+ float block offsets)")
+    if carried:
+        for name, why in carried_linears.carry(decoder, carried, calibration_run(decoder, language)).items():
+            by_name[name] = LayerDecision(name, "linear", by_name[name].shape, True, why)
     return [by_name[d.name] for d in decisions]
+
+
+def calibration_run(decoder: Any, language: Any) -> Any:
+    """One pass of the calibration text through the decoder's model (in chunks that fit its context), with
+    transformers' own attention for the pass: the KV-cache ops and their buffers are left untouched. What
+    carried_linears measures its mean factors on."""
+    from ..smoothing import calibration_text
+
+    ids = language.tokenizer(calibration_text())["input_ids"]
+    chunk = min(256, decoder.max_context)
+    config = decoder.inner.config
+
+    def run() -> None:
+        chosen, config._attn_implementation = config._attn_implementation, "sdpa"
+        try:
+            for start in range(0, len(ids), chunk):
+                decoder.inner(input_ids=torch.tensor([ids[start:start + chunk]]), use_cache=False)
+        finally:
+            config._attn_implementation = chosen
+
+    return run
 
 
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
@@ -331,7 +356,7 @@ def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec:
         _quantise_embedding(causal_lm, layers, "" if spec.embedding_quant == "int8" else
                             "; not tied to the lm_head in this model, so it keeps its own table")
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
-    layers += _quantise_linears(decoder, spec, carried)
+    layers += _quantise_linears(decoder, spec, carried, language)
     if spec.backend == "xnnpack":
         retrace_friendly(decoder)
     table = None

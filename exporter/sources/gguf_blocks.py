@@ -62,6 +62,44 @@ def _unpack_q4_1(raw: np.ndarray, rows: int, cols: int) -> tuple[Blocks, np.ndar
     return centred, as_loaded
 
 
+def blocks_on_grid(weight: torch.Tensor) -> Blocks | None:
+    """The Q4_1 blocks a dequantised weight came from, or None if any block of it is not on a Q4_1 grid.
+
+    llama.cpp quantises a block with ``minimum = min(w)`` and ``scale = (max(w) - min(w)) / 15``, both
+    stored as fp16, so its smallest value dequantises to the minimum itself and its largest to
+    ``15 * scale + minimum``: both read back from the values. A block is accepted only if every value is
+    exactly ``fp32(scale * q + minimum)`` with q in 0..15 (as gguf-py and transformers compute it), so a
+    float checkpoint never passes by accident. This is how a HF folder saved from a Q4_1 GGUF (fp32, or
+    bf16/fp16 where the values survive) gets the same carried artifact as the GGUF itself.
+    """
+    rows, cols = weight.shape
+    if cols % GROUP:
+        return None
+    values = weight.detach().float().numpy().reshape(rows, cols // GROUP, GROUP)
+    low, high = values.min(-1), values.max(-1)
+    minimum = low.astype(np.float16).astype(np.float32)
+    scale = ((high - low) / 15).astype(np.float16).astype(np.float32)
+    if not (np.array_equal(minimum, low) and np.isfinite(scale).all()):
+        return None
+    step = np.where(scale > 0, scale, 1)[..., None]
+    q = np.clip(np.rint((values - minimum[..., None]) / step), 0, 15)
+    if not np.array_equal((scale[..., None] * q + minimum[..., None]).astype(np.float32), values):
+        return None
+    return Blocks(torch.from_numpy(scale.copy()), torch.from_numpy(minimum + 8 * scale),
+                  torch.from_numpy(q.astype(np.int8).reshape(rows, cols) - 8))
+
+
+def blocks_in_model(model: nn.Module) -> dict[str, Blocks]:
+    """Q4_1 blocks of every linear of a model whose weights are a dequantised Q4_1 GGUF (see blocks_on_grid)."""
+    found = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear) and layer.weight.dim() == 2:
+            blocks = blocks_on_grid(layer.weight)
+            if blocks is not None:
+                found[name] = blocks
+    return found
+
+
 def _layer_index(gguf_name: str) -> str | None:
     parts = gguf_name.split(".")
     return parts[1] if parts[0] == "blk" and len(parts) > 2 else None
