@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from exporter import lm_parity
+from exporter.formats.carried_linears import mean_factor, offset_digits, shared_inputs
 from exporter.commands import default_model
 from exporter.smoothing import calibration_text, smooth
 from exporter.sources import load_model
@@ -55,17 +56,11 @@ def per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
 
 
 def digits(values: torch.Tensor, count: int) -> torch.Tensor:
-    """``values`` [rows, n] as the sum of ``count`` int4 digit columns, each group with its own bf16 scale
-    per row (15x finer each time): what one symmetric 4-bit matmul can hold exactly."""
-    total = torch.zeros_like(values)
-    residual = values.clone()
-    scale = bf16(values.abs().amax(1, keepdim=True) / 7).clamp(min=1e-30)
-    for _ in range(count):
-        digit = torch.clamp(torch.round(residual / scale), -8, 7)
-        total += digit * scale
-        residual = values - total
-        scale = bf16(scale / 15)
-    return total
+    """``values`` as the exporter stores them: ``count`` int4 digit groups (carried_linears.offset_digits)."""
+    integers, scales = offset_digits(values, count)
+    width = integers.shape[1] // count
+    return sum(integers[:, d * width:d * width + values.shape[1]].float() * scales[:, d * width // GROUP:d * width // GROUP + 1]
+               for d in range(count))
 
 
 class Carried(nn.Module):
@@ -117,25 +112,6 @@ class TwoStageHead(nn.Module):
         return logits.scatter(-1, picked, exact)
 
 
-def mean_factors(model: nn.Module, tokenizer, names: list[str]) -> dict[str, float]:
-    """Per layer, the power of two c with c * max|block mean| <= max|x| on the calibration text's tokens
-    (1st percentile), so the means rarely widen the activation's int8 range."""
-    ratios: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = []
-    for name in names:
-        def hook(layer, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            means = x.reshape(x.shape[0], -1, GROUP).mean(-1)
-            ratios[name].append(x.abs().amax(-1) / means.abs().amax(-1).clamp(min=1e-12))
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    ids = tokenizer(calibration_text())["input_ids"]
-    with torch.no_grad():
-        model(torch.tensor([ids[:512]]))
-    for handle in handles:
-        handle.remove()
-    return {n: float(2 ** torch.floor(torch.log2(torch.quantile(torch.cat(r), 0.01)))) for n, r in ratios.items()}
-
-
 def main(path: Path) -> None:
     language = load_model(str(path)).language
     model, tokenizer = language.causal_lm.eval(), language.tokenizer
@@ -146,7 +122,9 @@ def main(path: Path) -> None:
     head = model.get_output_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untied, smoothed alone
     smooth(model, tokenizer, 0.5, {model.get_submodule(n): b for n, b in blocks.items()})
-    factors = mean_factors(model, tokenizer, list(blocks))
+    ids = tokenizer(calibration_text())["input_ids"][:512]
+    _, inputs = shared_inputs(model, list(blocks), lambda: model(torch.tensor([ids])))
+    factors = {name: mean_factor(x) for name, x in inputs.items()}
     print("mean factors c:", sorted(set(factors.values())), flush=True)
     originals = {n: model.get_submodule(n) for n in list(blocks) + ["lm_head"]}
 

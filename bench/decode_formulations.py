@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporter.formats.carried_linears import AugmentedLinear
 from exporter.formats.pte import delegation
 from exporter.formats.xnnpack_linears import DynamicQuantLinear, retrace_friendly
 from exporter.quant import library_config
@@ -35,7 +36,6 @@ from exporter.sources.gguf_blocks import GROUP, Blocks
 
 HIDDEN, KV, MLP, VOCAB = 576, 192, 1536, 49152
 ROUNDS = 3
-DIGITS = 2
 CANDIDATES = 64
 
 
@@ -97,36 +97,6 @@ def random_blocks(rows: int, cols: int) -> Blocks:
                   torch.randint(-8, 8, (rows, cols), dtype=torch.int8))
 
 
-def padded(count: int) -> int:
-    return -(-count // GROUP) * GROUP
-
-
-class Augmented(nn.Module):
-    """y = [x, tail(x)] W'^T: the blocks' int4 columns, then DIGITS groups of offset digits that multiply
-    the block means of x (computed by a 32-wide linear per block, then spread into the digit groups)."""
-
-    def __init__(self, cols: int, rows: int) -> None:
-        super().__init__()
-        blocks = cols // GROUP
-        tail = DIGITS * padded(blocks)
-        q = torch.randint(-8, 8, (rows, cols + tail), dtype=torch.int8)
-        scale = (torch.rand(rows, (cols + tail) // GROUP) + 0.5) * 0.01
-        self.matmul = DynamicQuantLinear(q, scale, None, bits=4)
-        self.mean = nn.Linear(GROUP, 1, bias=False)
-        self.mean.weight.data.fill_(1 / GROUP)
-        self.spread = nn.Linear(blocks, tail, bias=False)  # 0/1: each mean into its place in every digit group
-        spread = torch.zeros(tail, blocks)
-        for digit in range(DIGITS):
-            spread[digit * padded(blocks) + torch.arange(blocks), torch.arange(blocks)] = 1
-        self.spread.weight.data.copy_(spread)
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reshapes with one inferred dimension, which XNNPACK takes (symbolic shapes split the delegate)
-        means = self.mean(x.reshape(-1, GROUP)).reshape(1, -1, x.shape[-1] // GROUP)
-        return self.matmul(torch.cat([x, self.spread(means)], -1))
-
-
 class TwoStageHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -154,7 +124,7 @@ class Layer(nn.Module):
     def __init__(self, body: str, fusion: str) -> None:
         super().__init__()
         self.fusion = fusion
-        make = (lambda cols, rows: Augmented(cols, rows)) if body == "augmented" else \
+        make = (lambda cols, rows: AugmentedLinear([random_blocks(rows, cols)], [None], 4.0)) if body == "augmented" else \
             (lambda cols, rows: nn.Linear(cols, rows, bias=False))
         if fusion in ("qkv", "all"):
             self.qkv = make(HIDDEN, HIDDEN + 2 * KV)

@@ -101,16 +101,7 @@ def save_hf_folder(language: Any, folder: Path, key: dict[str, Any]) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with files.staging(folder.parent) as staged:
-        model = language.causal_lm
-        # save_pretrained refuses a model loaded from a GGUF while it keeps the GGUF's quantiser (and its config,
-        # which the source loader drops): the weights were dequantised on load, plain fp32 tensors to save.
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        quantiser, model.hf_quantizer = getattr(model, "hf_quantizer", None), None
-        try:
-            model.save_pretrained(str(staged))
-        finally:
-            model.hf_quantizer = quantiser
+        language.causal_lm.save_pretrained(str(staged))  # the GGUF loader has detached its quantiser
         language.tokenizer.save_pretrained(str(staged))
         files.write_json(staged / KEY, {"model": key["model"]})
         files.replace(staged, folder)
