@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from exporter.formats.carried_linears import AugmentedLinear
+from exporter.formats.carried_linears import BlockMeans
+from exporter.formats.carried_linears import CarriedLinear as OneMatmulLinear
 from exporter.formats.pte import delegation
 from exporter.formats.xnnpack_linears import DynamicQuantLinear, retrace_friendly
 from exporter.quant import library_config
@@ -124,7 +125,7 @@ class Layer(nn.Module):
     def __init__(self, body: str, fusion: str) -> None:
         super().__init__()
         self.fusion = fusion
-        make = (lambda cols, rows: AugmentedLinear([random_blocks(rows, cols)], [None], 4.0)) if body == "augmented" else \
+        make = (lambda cols, rows: OneMatmulLinear(random_blocks(rows, cols), None, BlockMeans(cols, 4.0))) if body == "augmented" else \
             (lambda cols, rows: nn.Linear(cols, rows, bias=False))
         if fusion in ("qkv", "all"):
             self.qkv = make(HIDDEN, HIDDEN + 2 * KV)

@@ -66,10 +66,10 @@ def test_offsets_become_int4_digits_of_ever_finer_bf16_scales() -> None:
     assert three[0].shape == (40, 96)
 
 
-def test_augmented_linear_is_one_delegated_matmul_close_to_the_exact_weight(tmp_path: Path) -> None:
+def test_carried_linears_on_one_input_are_one_delegate_close_to_the_exact_weights(tmp_path: Path) -> None:
     from executorch.runtime import Runtime
 
-    from exporter.formats.carried_linears import AugmentedLinear
+    from exporter.formats.carried_linears import BlockMeans, CarriedLinear
     from exporter.formats.pte import lower
     from exporter.targets import load_target
 
@@ -78,25 +78,38 @@ def test_augmented_linear_is_one_delegated_matmul_close_to_the_exact_weight(tmp_
     members = [Blocks(torch.rand(rows, cols // 32) * 0.01, torch.randn(rows, cols // 32) * 0.02,
                       torch.randint(-8, 8, (rows, cols), dtype=torch.int8)) for rows in (48, 16)]
     biases = [torch.randn(48), None]
-    layer = AugmentedLinear(members, biases, mean_factor=4.0)
+    means = BlockMeans(cols, mean_factor=4.0, readers=2)
+    linears = [CarriedLinear(b, bias, means, reader) for reader, (b, bias) in enumerate(zip(members, biases))]
+
+    class Both(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = linears
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.first(x), self.second(x)
+
+    layer = Both()
+    assert len(list(layer.named_buffers(remove_duplicate=False))) == len(list(layer.named_buffers()))
     x = torch.randn(1, 5, cols)
     exact = x @ torch.cat([b.dequantised() for b in members]).T + torch.cat([biases[0], torch.zeros(16)])
-    eager = layer(x)
-    assert eager.shape == (1, 5, 64)
+    eager = torch.cat(layer(x), -1)
+    assert eager.shape == (1, 5, 64) and means._input is None  # nothing held once both readers had it
     assert float((eager - exact).abs().max()) < 0.02 * float(exact.abs().max())  # int8 activations, bf16 scales
 
     spec = next(a for a in load_target("android-q4").artifacts if a.format == "pte")
     dynamic = {0: None, 1: torch.export.Dim("t", min=1, max=64), 2: None}
     program = torch.export.export(layer, (x,), dynamic_shapes=(dynamic,), strict=False)
+    assert sum(n.target == torch.ops.aten.cat.default for n in program.graph.nodes) == 1  # means appended once
     details, _ = lower(program, spec, tmp_path / "layer.pte")
-    assert details["delegate_calls"] == 1 and details["non_delegated_ops"] == {}  # means, cat, matmul: one delegate
+    assert details["delegate_calls"] == 1 and details["non_delegated_ops"] == {}  # means, cat, matmuls: one delegate
     method = Runtime.get().load_program(str(tmp_path / "layer.pte")).load_method("forward")
     for tokens in (5, 1):
-        got = method.execute([x[:, :tokens]])[0]
+        got = torch.cat(list(method.execute([x[:, :tokens]])), -1)
         assert float((got - eager[:, :tokens]).abs().max()) < 2e-3 * float(exact.abs().max())
 
 
-def test_linears_that_read_one_input_share_one_matmul(tiny_gguf: Path) -> None:
+def test_linears_that_read_one_input_share_its_block_means(tiny_gguf: Path) -> None:
     from exporter.formats import carried_linears
 
     language = load_model(str(tiny_gguf), SourceOptions(context_len=64)).language
@@ -107,17 +120,17 @@ def test_linears_that_read_one_input_share_one_matmul(tiny_gguf: Path) -> None:
     carried = read_blocks(tiny_gguf, model)
     report = carried_linears.carry(model, carried, lambda: model(ids))
     assert set(report) == set(carried)
-    assert "one matmul with q_proj, k_proj, v_proj" in report["model.layers.1.self_attn.k_proj"]
-    assert "one matmul with gate_proj, up_proj" in report["model.layers.0.mlp.up_proj"]
-    assert "one matmul" not in report["model.layers.0.mlp.down_proj"]
-    shared = {id(model.get_submodule(n).shared) for n in carried}
-    assert len(shared) == 2 * 4  # per layer: q/k/v, o, gate/up, down
+    assert "block means shared with q_proj, v_proj" in report["model.layers.1.self_attn.k_proj"]
+    assert "block means shared with gate_proj" in report["model.layers.0.mlp.up_proj"]
+    assert "shared" not in report["model.layers.0.mlp.down_proj"]
+    means = {id(model.get_submodule(n).means) for n in carried}
+    assert len(means) == 2 * 4  # per layer: q/k/v, o, gate/up, down
     # each weight under one name: aliases would make torch.export keep an unused copy in the program
     assert len(list(model.named_buffers(remove_duplicate=False))) == len(list(model.named_buffers()))
     with torch.no_grad():
         after = model(ids).logits
     assert float((after.argmax(-1) == before.argmax(-1)).float().mean()) > 0.9
-    assert all(model.get_submodule(n).shared._input is None for n in carried)  # nothing held after a step
+    assert all(model.get_submodule(n).means._input is None for n in carried)  # nothing held after a step
 
 
 def test_blocks_are_recovered_from_weights_that_are_a_dequantised_gguf(tiny_gguf: Path) -> None:

@@ -1,4 +1,4 @@
-"""A GGUF's Q4_1 linears as one symmetric 4-bit matmul per shared input, on XNNPACK's 8da4w kernel.
+"""A GGUF's Q4_1 linears as one symmetric 4-bit matmul each, on XNNPACK's 8da4w kernel.
 
 A Q4_1 block is ``W = s * q + o`` (``sources.gguf_blocks``: q in -8..7, a float offset o per block of
 32), so ``W x = sum_b s_b q_b . x_b + sum_b o_b * sum(x_b)``. The second sum is a matmul on the block
@@ -10,11 +10,12 @@ The extra columns hold the offsets as DIGITS int4 digits, each group of 32 colum
 scale per row, 15 times finer than the one before (two digits: about 8 bits per offset). The means enter
 scaled by a power of two c, measured on calibration text so that they stay inside the activation's int8
 range; every input column is quantised per token by XNNPACK as usual. Linears that read the same input
-(q/k/v, gate/up) become one matmul over their stacked rows, whose output each of them slices.
+(q/k/v, gate/up) share its augmented input, computed once; each keeps its own matmul, since slicing a
+stacked matmul's output (dynamic length) is not delegated and would split the program's delegates.
 
 Against carrying the blocks as three matmuls (4-bit blocks, int8 block sums, float offsets) this reads
-fewer bytes (int4 digits instead of float offsets) and runs one kernel per input instead of three per
-linear (bench/decode_formulations.py); the offsets lose a little precision (bench/carried_faithfulness.py).
+fewer bytes (int4 digits instead of float offsets) and runs one kernel per linear instead of three
+(bench/decode_formulations.py); the offsets lose a little precision (bench/carried_faithfulness.py).
 """
 
 from __future__ import annotations
@@ -59,77 +60,72 @@ def offset_digits(offsets: torch.Tensor, digits: int = DIGITS) -> tuple[torch.Te
     return integers, scales
 
 
-class AugmentedLinear(nn.Module):
-    """Stacked Q4_1 linears that read one input x [..., K]: y = [x, c * means(x)] . W^T, one 4-bit matmul."""
+class BlockMeans(nn.Module):
+    """x [..., K] -> [x, c * means(x)] with each block's mean in its column of every digit group: the
+    input every carried linear reading x multiplies. Computed once per input tensor and handed to each of
+    the ``readers`` linears that read it (q/k/v, gate/up), so the means are not recomputed per linear."""
 
-    def __init__(self, blocks: list[Blocks], biases: list[torch.Tensor | None], mean_factor: float) -> None:
+    def __init__(self, cols: int, mean_factor: float, readers: int = 1) -> None:
         super().__init__()
-        cols = blocks[0].q.shape[1]
         self.blocks_per_row = cols // GROUP
-        offsets = torch.cat([b.offset for b in blocks]) * GROUP / mean_factor
-        tail, tail_scales = offset_digits(offsets)
-        qdata = torch.cat([torch.cat([b.q for b in blocks]), tail], 1)
-        body_scales = _bf16(torch.cat([b.scale for b in blocks]).clamp(min=_SMALLEST_SCALE))  # a constant block has 0
-        scales = torch.cat([body_scales, tail_scales], 1)
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else torch.zeros(blk.q.shape[0]) for b, blk in zip(biases, blocks)])
-        self.matmul = DynamicQuantLinear(qdata, scales, bias, bits=4)
         self.mean = nn.Linear(GROUP, 1, bias=False)  # c / 32: exact for a power of two c
         self.mean.weight.data.fill_(mean_factor / GROUP)
         width = _padded(self.blocks_per_row)
-        spread = torch.zeros(DIGITS * width, self.blocks_per_row)  # each mean into its column of every digit group
+        spread = torch.zeros(DIGITS * width, self.blocks_per_row)
         for d in range(DIGITS):
             spread[d * width + torch.arange(self.blocks_per_row), torch.arange(self.blocks_per_row)] = 1
         self.spread = nn.Linear(self.blocks_per_row, DIGITS * width, bias=False)
         self.spread.weight.data.copy_(spread)
         self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Reshapes with static sizes and one inferred dimension: XNNPACK takes them, so the means, the
-        # concatenation and the matmul stay in one delegate.
-        means = self.mean(x.reshape(-1, GROUP))
-        means = means.reshape(x.shape[0], -1, self.blocks_per_row) if x.dim() == 3 else means.reshape(-1, self.blocks_per_row)
-        return self.matmul(torch.cat([x, self.spread(means)], -1))
-
-
-class _Shared(nn.Module):
-    """The stacked matmul of linears that read one input, computed once per input and handed out in slices."""
-
-    def __init__(self, linear: AugmentedLinear, members: int) -> None:
-        super().__init__()
-        self.linear = linear
-        self.members = members
+        self.factor = mean_factor
+        self.readers = readers
         self._input: Any = None
         self._output: Any = None
         self._served: set[int] = set()
 
-    def slice_for(self, x: torch.Tensor, member: int, start: int, end: int) -> torch.Tensor:
-        if x is not self._input or member in self._served:
-            self._input, self._output, self._served = x, self.linear(x), set()
-        out = self._output[..., start:end]
-        self._served.add(member)
-        if len(self._served) == self.members:  # every member has its slice: hold no tensor past this step
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reshapes with static sizes and one inferred dimension: XNNPACK takes them, so the means, the
+        # concatenation and the matmuls that read them stay in one delegate.
+        means = self.mean(x.reshape(-1, GROUP))
+        means = means.reshape(x.shape[0], -1, self.blocks_per_row) if x.dim() == 3 else means.reshape(-1, self.blocks_per_row)
+        return torch.cat([x, self.spread(means)], -1)
+
+    def for_reader(self, x: torch.Tensor, reader: int) -> torch.Tensor:
+        if x is not self._input or reader in self._served:
+            self._input, self._output, self._served = x, self(x), set()
+        out = self._output
+        self._served.add(reader)
+        if len(self._served) == self.readers:  # every reader has it: hold no tensor past this step
             self._input = self._output = None
             self._served = set()
         return out
 
 
-class SharedInputMember(nn.Module):
-    """Stands where one of the linears was: its rows of the shared matmul. Only the first member owns the
-    shared matmul as a submodule; the others reach it unregistered, so its weights have one name, and
-    torch.export lifts them once (aliased names leave a second, unused copy in the program)."""
+def augmented_weight(blocks: Blocks, mean_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int4 integers, bf16 scales per group of 32) of ``[s * q | 32 * o / c]``: the Q4_1 blocks, then the
+    offsets as int4 digits for the block-mean columns BlockMeans appends."""
+    tail, tail_scales = offset_digits(blocks.offset * GROUP / mean_factor)
+    body_scales = _bf16(blocks.scale.clamp(min=_SMALLEST_SCALE))  # a constant block has scale 0
+    return torch.cat([blocks.q, tail], 1), torch.cat([body_scales, tail_scales], 1)
 
-    def __init__(self, shared: _Shared, member: int, start: int, end: int) -> None:
+
+class CarriedLinear(nn.Module):
+    """One Q4_1 linear as one 4-bit matmul on its input's BlockMeans. The first reader of an input owns
+    the BlockMeans as a submodule; the others reach it unregistered, so its weights have one name (torch.export
+    would otherwise keep a second, unused copy)."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None, means: BlockMeans, reader: int = 0) -> None:
         super().__init__()
-        if member == 0:
-            self.shared = shared
+        qdata, scales = augmented_weight(blocks, means.factor)
+        self.matmul = DynamicQuantLinear(qdata, scales, bias, bits=4)
+        if reader == 0:
+            self.means = means
         else:
-            object.__setattr__(self, "shared", shared)
-        self.member, self.start, self.end = member, start, end
+            object.__setattr__(self, "means", means)
+        self.reader = reader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared.slice_for(x, self.member, self.start, self.end)
+        return self.matmul(self.means.for_reader(x, self.reader))
 
 
 def shared_inputs(model: nn.Module, names: list[str], run: Any) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
@@ -169,23 +165,20 @@ def mean_factor(x: torch.Tensor) -> float:
 
 
 def carry(model: nn.Module, carried: dict[str, Blocks], run: Any) -> dict[str, str]:
-    """Swap the named linears of ``model`` for their share of one AugmentedLinear per shared input (found
-    by ``run()``, one forward of calibration text). Returns, per linear, what its layer report says."""
+    """Swap the named linears of ``model`` for CarriedLinears, one BlockMeans per shared input (found by
+    ``run()``, one forward of calibration text). Returns, per linear, what its layer report says."""
     groups, inputs = shared_inputs(model, list(carried), run)
     report = {}
     for group in groups:
-        linears = [model.get_submodule(name) for name in group]
         factor = mean_factor(inputs[group[0]])
-        shared = _Shared(AugmentedLinear([carried[n] for n in group], [layer.bias for layer in linears], factor),
-                         len(group))
-        start = 0
-        for member, (name, linear) in enumerate(zip(group, linears)):
-            rows = linear.weight.shape[0]
+        means = BlockMeans(carried[group[0]].q.shape[1], factor, readers=len(group))
+        for reader, name in enumerate(group):
+            linear = model.get_submodule(name)
             parent, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attribute,
-                    SharedInputMember(shared, member, start, start + rows))
-            start += rows
-            together = f", one matmul with {', '.join(n.rsplit('.', 1)[-1] for n in group)}" if len(group) > 1 else ""
+                    CarriedLinear(carried[name], linear.bias, means, reader))
+            others = [n.rsplit(".", 1)[-1] for n in group if n != name]
+            shared = f", block means shared with {', '.join(others)}" if others else ""
             report[name] = (f"int4 groups of 32 carried exactly from the GGUF's Q4_1 blocks, offsets as {DIGITS} "
-                            f"int4 digits on the block means (x{factor:g}){together}")
+                            f"int4 digits on the block means (x{factor:g}){shared}")
     return report
