@@ -34,6 +34,14 @@ group_size = 32
 [artifact.parity]
 min_cosine = 0.99
 [[artifact]]
+name = "xnnpack-carried-recipe"
+format = "pte"
+quant = "8da4w"
+group_size = 32
+requantise = "int8-dynamic"
+[artifact.parity]
+min_cosine = 0.999
+[[artifact]]
 format = "tflite"
 quant = "fp32"
 [artifact.parity]
@@ -121,6 +129,14 @@ def test_per_channel_schemes_quantise_every_linear(everything: dict) -> None:
     for name in ("xnnpack-int8-dynamic", "litert-int8-dynamic", "litert-int8-weight", "mlprogram-int8-weight"):
         quant = everything["by_name"][name]["quantisation"]
         assert (quant["quantised_layers"], quant["float_layers"]) == (5, 0), name
+
+
+def test_a_model_without_gguf_blocks_gets_the_requantise_scheme(everything: dict) -> None:
+    # android-q4's recipe: 4-bit only where a GGUF's blocks are carried, every other linear requantise's int8
+    carried_recipe = everything["by_name"]["xnnpack-carried-recipe"]
+    plain_int8 = everything["by_name"]["xnnpack-int8-dynamic"]
+    assert carried_recipe["quantisation"]["layers"] == plain_int8["quantisation"]["layers"]
+    assert carried_recipe["status"] == "passed"
 
 
 def test_quantised_artifacts_are_smaller(everything: dict) -> None:

@@ -160,7 +160,8 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
     if model.language is not None:
         return build_decoder(model, spec, destination)
     assert program is not None  # the pipeline traces once for every non-language model
-    module, layers = quantise(model.module, spec)
+    # No GGUF blocks to carry outside a language model: every linear is one the recipe re-quantises.
+    module, layers = quantise(model.module, _with_scheme(spec, spec.requantise, []) if spec.requantise else spec)
     if module is not model.module:
         if spec.backend == "xnnpack":
             retrace_friendly(module)
