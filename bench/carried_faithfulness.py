@@ -9,8 +9,9 @@ Body formulations (every Q4_1 linear; SmoothQuant alpha 0.5 as the android targe
 - ``requantised``: symmetric int4 blocks of 32 fitted to the dequantised weights (8da4w as exporters do it);
 - ``carried``: the blocks exactly, + float offsets times block sums of the int8 input (three ops);
 - ``augmented-D``: one 4-bit matmul on [x, c * block means of x]; the offsets become D int4 digits.
-lm_head: ``int8`` per channel, ``int4`` blocks of 32, or ``two-stage-K``: an int4 scan picks K candidates
-whose exact int8 rows rescore them.
+lm_head: ``int8`` per channel, ``int4`` blocks of 32, ``two-stage-K``: an int4 scan picks K candidates
+whose exact int8 rows rescore them, or ``split-N``: the first N rows (a BPE vocabulary's earliest merges,
+its most frequent tokens) int8 per channel, the others int4 blocks of 32.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def main(path: Path) -> None:
             else:
                 swap(name, Carried(b, linear.bias, body, factors[name]))
         weight = originals["lm_head"].weight.detach()
+        first = int(lm_head.split("-")[1]) if lm_head.startswith("split-") else 0
         swap("lm_head", Simple(per_channel_int8(weight), None) if lm_head == "int8" else
+             Simple(torch.cat([per_channel_int8(weight[:first]), symmetric_blocks(weight[first:])]), None) if first else
              Simple(symmetric_blocks(weight), None) if lm_head == "int4" else
              TwoStageHead(weight, int(lm_head.split("-")[-1])))
         hits, kls, total = 0, [], 0
