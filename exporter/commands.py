@@ -159,11 +159,18 @@ def _interval(bounds: list[float] | None) -> str:
     return "" if bounds is None else f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{label} {metrics[key]:.4g}{_interval(metrics.get(key + '_ci95'))}"
+                     for key, label in _SHOWN_METRICS.items() if key in metrics)
+
+
 def _parity_cell(record: dict[str, Any]) -> str:
-    metrics = (record.get("parity") or {}).get("metrics", {})
-    shown = [f"{label} {metrics[key]:.4g}{_interval(metrics.get(key + '_ci95'))}"
-             for key, label in _SHOWN_METRICS.items() if key in metrics]
-    return ", ".join(shown) or ("pending a Mac" if record.get("status") == "pending-mac" else "-")
+    """The host's metrics, then each of the target's other runtimes (exporter.runtimes) the artifact ran on."""
+    shown = _metrics_text((record.get("parity") or {}).get("metrics", {}))
+    cell = shown or ("pending a Mac" if record.get("status") == "pending-mac" else "-")
+    for name, measured in record.get("runtimes", {}).items():
+        cell += f"; on {name}: " + (_metrics_text(measured.get("metrics", {})) or measured.get("error", "-")[:60])
+    return cell
 
 
 def render_table(records: list[dict[str, Any]], fp32_bytes: int) -> str:

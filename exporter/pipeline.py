@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import files, lm_parity, manifest
+from . import files, lm_parity, manifest, runtimes, validate
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
 from .heap import return_freed_memory
@@ -63,7 +63,8 @@ def artifact_key(model: LoadedModel, spec: ArtifactSpec, toolchain: dict[str, st
     Thresholds are not in it: a changed threshold re-judges the stored metrics without a rebuild.
     """
     payload = json.dumps({"model": model.fingerprint, "spec": spec.canonical(), "golden_sets": GOLDEN_SETS,
-                          "tools": toolchain, "data": _data_fingerprint()}, sort_keys=True)
+                          "tools": toolchain, "data": _data_fingerprint(), "runtimes": list(spec.runtimes)},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -123,6 +124,13 @@ def export(
         golden.save(folder / manifest.GOLDEN)
         bundle = {}
     program: torch.export.ExportedProgram | None = model.program
+    model_record = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint,
+                    "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                               for n, t in zip(model.input_names, model.sample_inputs)],
+                    "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
+                    "padding_mask": model.padding_mask, "fp32_bytes": reference}
+    golden_record = {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
+                     "kind": "language-model" if model.language is not None else "tensors", "sets": GOLDEN_SETS}
     # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
     plans = [_plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
              for spec in specs]
@@ -132,7 +140,8 @@ def export(
                 format_module("tflite").start_decoder(model, plan.spec, folder)
                 progress.say(f"{plan.spec.filename}: litert-torch's export started in a child process, beside the others")
     try:
-        results = _build_all(model, program, plans, folder, golden, progress)
+        results = _build_all(model, program, plans, folder, golden, progress,
+                             _RuntimeCheck(folder / manifest.GOLDEN, model_record, golden_record))
     finally:
         format_module("tflite").cancel_started()  # any export started ahead and not collected
 
@@ -145,16 +154,10 @@ def export(
     files.write_json(folder / manifest.MANIFEST, {
         "schema": manifest.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint,
-                  "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                             for n, t in zip(model.input_names, model.sample_inputs)],
-                  "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
-                  "padding_mask": model.padding_mask,
-                  "fp32_bytes": reference},
+        "model": model_record,
         "target": {"name": target.name, "file": str(target.path), "sha256": target.sha256,
                    "description": target.description},
-        "golden": {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
-                   "kind": "language-model" if model.language is not None else "tensors", "sets": GOLDEN_SETS},
+        "golden": golden_record,
         "bundle": bundle,
         "toolchain": tools,
         "artifacts": records,
@@ -182,8 +185,38 @@ def _plan(model: LoadedModel, spec: ArtifactSpec, tools: dict[str, str], folder:
     return _Plan(spec, key, reused, elsewhere)
 
 
+@dataclass
+class _RuntimeCheck:
+    """What running an artifact on the target's other runtimes needs: the golden data and how to compare."""
+
+    golden_file: Path
+    model_record: dict[str, Any]
+    golden_record: dict[str, Any]
+
+    def run(self, spec: ArtifactSpec, artifact: Path, companions: list[Path], record: dict[str, Any],
+            progress: Progress) -> None:
+        """Each of the spec's runtimes that has an environment of its own, measured into record["runtimes"]."""
+        for runtime in runtimes.for_format(spec.runtimes, spec.format.value):
+            if not runtime.requirements:  # the exporter's own runtime: the parity check above ran on it
+                continue
+            with progress.stage(f"{spec.filename}: parity on {runtime.name}"):
+                record.setdefault("runtimes", {})[runtime.name] = runtimes.run_on(
+                    runtime, artifact, companions, self.golden_file, self.model_record, self.golden_record, record)
+
+
+def _judge_on_runtimes(record: dict[str, Any], spec: ArtifactSpec) -> None:
+    """An artifact that passed on the host passes only if it passes on every runtime of its target."""
+    for name, measured in record.get("runtimes", {}).items():
+        if "metrics" in measured:
+            verdict = validate.judge(measured["metrics"], spec.parity)
+            measured.update(checks=verdict["checks"], passed=verdict["passed"])
+        if record.get("status") == "passed" and not measured.get("passed"):
+            record["status"] = "failed"
+            record["failures"] = record.get("failures", []) + [runtimes.describe_failure(name, measured)]
+
+
 def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, plans: list[_Plan], folder: Path,
-               golden: Golden | lm_parity.Reference, progress: Progress) -> list[ArtifactResult]:
+               golden: Golden | lm_parity.Reference, progress: Progress, on_runtimes: _RuntimeCheck) -> list[ArtifactResult]:
     """Each artifact in the target's order: reused if unchanged, copied if another target built it, else built."""
     results = []
     for plan in plans:
@@ -203,7 +236,7 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
         if program is None and model.language is None:
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
-        results.append(_build_one(model, program, spec, folder, golden, plan.key, progress))
+        results.append(_build_one(model, program, spec, folder, golden, plan.key, progress, on_runtimes))
         return_freed_memory()  # the parity check's loaded runtimes and programs
     return results
 
@@ -255,6 +288,7 @@ def _rejudge(record: dict[str, Any], spec: ArtifactSpec) -> dict[str, Any]:
     metrics = (record.get("parity") or {}).get("metrics")
     if metrics is not None and record.get("status") in ("passed", "failed"):
         record_verdict(record, metrics, spec.parity)
+        _judge_on_runtimes(record, spec)
     return record
 
 
@@ -315,6 +349,7 @@ def _build_one(
     golden: Golden | lm_parity.Reference,
     key: str,
     progress: Progress,
+    on_runtimes: _RuntimeCheck,
 ) -> ArtifactResult:
     scheme = SCHEMES[spec.quant]
     record: dict[str, Any] = {
@@ -357,6 +392,9 @@ def _build_one(
                     record["failures"] = [c["check"] for c in checks if not c["passed"]]
             else:
                 record_verdict(record, metrics, spec.parity)
+                if record["status"] == "passed":
+                    on_runtimes.run(spec, staged, [stage / c for c in built.companions], record, progress)
+                    _judge_on_runtimes(record, spec)
                 status = record["status"]
             files.replace(staged, destination)
             record["companions"] = []

@@ -32,6 +32,8 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("fp32", None, False, False, "float32 weights and compute"),
         Scheme("fp16", None, False, False, "float16 weights and compute"),
         Scheme("int8-dynamic", 8, True, False, "int8 per-channel weights, int8 dynamic activations"),
+        # TFLite's classic dynamic range: the one runtimes before LiteRT (tflite-runtime 2.14) compute right
+        Scheme("int8-dynamic-tensor", 8, True, False, "int8 per-tensor weights, int8 dynamic activations"),
         Scheme("int8-weight", 8, False, False, "int8 per-channel weights, float compute"),
         Scheme("int4-weight", 4, False, True, "int4 block-wise weights, float compute"),
         Scheme("8da4w", 4, True, True, "int4 grouped weights, int8 dynamic activations"),
@@ -71,7 +73,7 @@ def _coreml_linear(bits: int) -> Callable[[int | None], Any]:
     return build
 
 
-def _tflite(bits: int, *, dynamic: bool) -> Callable[[int | None], Any]:
+def _tflite(bits: int, *, dynamic: bool, per_tensor: bool = False) -> Callable[[int | None], Any]:
     """Returns (granularity, num_bits, dynamic); the tflite format turns it into a recipe per layer."""
 
     def build(group_size: int | None) -> Any:
@@ -80,7 +82,7 @@ def _tflite(bits: int, *, dynamic: bool) -> Callable[[int | None], Any]:
         granularity = (
             getattr(qtyping.QuantGranularity, f"BLOCKWISE_{group_size}")
             if group_size
-            else qtyping.QuantGranularity.CHANNELWISE
+            else qtyping.QuantGranularity.TENSORWISE if per_tensor else qtyping.QuantGranularity.CHANNELWISE
         )
         return {"num_bits": bits, "granularity": granularity, "dynamic": dynamic}
 
@@ -104,6 +106,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], Callable[[int | None], Any]] = {
     ("mlpackage", "int4-weight"): _coreml_linear(4),
     ("tflite", "fp32"): _float,
     ("tflite", "int8-dynamic"): _tflite(8, dynamic=True),
+    ("tflite", "int8-dynamic-tensor"): _tflite(8, dynamic=True, per_tensor=True),
     ("tflite", "8da8w"): _tflite(8, dynamic=True),
     ("tflite", "8da4w"): _tflite(4, dynamic=True),
     ("tflite", "int8-weight"): _tflite(8, dynamic=False),

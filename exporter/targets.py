@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .errors import TargetError
 from .quant import SCHEMES, TFLITE_BLOCK_SIZES, supported_schemes
+from .runtimes import RUNTIMES
 from .suggest import did_you_mean
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
@@ -74,6 +75,8 @@ class ArtifactSpec:
     # Scheme for linears that are not carried exactly from a GGUF's 4-bit blocks (see gguf_blocks):
     # re-quantising float weights to 4 bits costs agreement that int8 keeps.
     requantise: str | None = None
+    # The target's runtimes that run this format (exporter.runtimes): the artifact passes only on all of them.
+    runtimes: tuple[str, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -99,7 +102,7 @@ class Target:
     sha256: str = field(repr=False)
 
 
-_TOP_KEYS = {"description": str, "artifact": list}
+_TOP_KEYS = {"description": str, "runtimes": list, "artifact": list}
 _ARTIFACT_KEYS = {
     "name": str, "format": str, "backend": str, "quant": str, "group_size": int,
     "compute_precision": str, "deployment_target": str, "skip_layers": list, "parity": dict,
@@ -220,6 +223,16 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
     )
 
 
+def _runtimes(names: list[Any], where: str) -> tuple[str, ...]:
+    for name in names:
+        if not isinstance(name, str):
+            raise TargetError(f"{where}: runtimes must be a list of runtime names (strings), got {name!r}")
+        _choice(name, list(RUNTIMES), where, "runtime")
+    if len(set(names)) != len(names):
+        raise TargetError(f"{where}: runtimes lists a runtime twice")
+    return tuple(names)
+
+
 def load_target_file(path: Path) -> Target:
     try:
         data = path.read_bytes()
@@ -232,11 +245,17 @@ def load_target_file(path: Path) -> Target:
     _check_keys(raw, _TOP_KEYS, str(path))
     if not raw.get("artifact"):
         raise TargetError(f"{path}: no [[artifact]] tables; a target must list at least one artifact")
+    runtimes = _runtimes(raw.get("runtimes", []), str(path))
     artifacts = []
     for index, table in enumerate(raw["artifact"], start=1):
         if not isinstance(table, dict):
             raise TargetError(f"{path}: artifact {index}: must be a table ([[artifact]])")
-        artifacts.append(_artifact(table, f"{path}: artifact {index}"))
+        spec = _artifact(table, f"{path}: artifact {index}")
+        artifacts.append(replace(spec, runtimes=tuple(r for r in runtimes if spec.format.value in RUNTIMES[r].formats)))
+    for name in runtimes:
+        if not any(a.format.value in RUNTIMES[name].formats for a in artifacts):
+            raise TargetError(f"{path}: runtime '{name}' runs {', '.join('.' + f for f in RUNTIMES[name].formats)}, "
+                              "and this target has no such artifact; remove it from runtimes")
     names = [a.name for a in artifacts]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -89,3 +89,25 @@ def build_not_a_module():
 
 def build_fails_on_inputs():
     return Mlp(), (torch.randn(4, 3),)
+
+
+class DepthwiseSeparable(nn.Module):
+    """The classic edge vision shape (MobileNet's blocks): depthwise 3x3 then pointwise 1x1 convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU6()]
+        for channels_in, channels_out, stride in ((16, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2)):
+            layers += [nn.Conv2d(channels_in, channels_in, 3, stride=stride, padding=1, groups=channels_in),
+                       nn.BatchNorm2d(channels_in), nn.ReLU6(),
+                       nn.Conv2d(channels_in, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def build_depthwise_cnn():
+    torch.manual_seed(0)
+    return DepthwiseSeparable().eval(), (torch.randn(1, 3, 96, 96),)
