@@ -18,6 +18,8 @@ PYTEST_ARGS ?=
 DEVICES ?= devices.toml
 DEVICE ?=
 BASELINE ?=
+# Where `make arm64-board` builds and serves its boards (built once, reused).
+ARM64_BOARD ?= ~/.cache/edgeship/arm64-board
 
 BENCH_RUNS ?= 3
 # LiteRT-LM's engine (the runtime Android apps load .litertlm bundles with) lives in an environment of
@@ -31,13 +33,14 @@ ANCHORS_ON := $(filter 1 yes true,$(ANCHORS))
 OPTIMUM_VENV ?= .venv-optimum
 OPTIMUM_STAMP := $(OPTIMUM_VENV)/.edgeship-installed
 
-.PHONY: help env system-packages export targets validate test test-fast bench device-test devices-check clean distclean
+.PHONY: help env system-packages export targets validate test test-fast bench device-test devices-check arm64-board arm64-board-stop clean distclean
 
 help:
 	@echo "make export TARGET=android [MODEL=path] [OUTPUT=dist] [ARGS='--only pte']"
 	@echo "make test | make bench | make targets | make validate DIR=dist/<target>/<model>"
 	@echo "make bench ANCHORS=1: also optimum-executorch's 8da4w .pte of the same model, timed in the same rounds and"
 	@echo "  measured on the same text (first run: installs .venv-optimum, ~80 s; builds the anchor, ~6 min, then cached)"
+	@echo "make arm64-board: emulated arm64 boards on loopback (qemu-user; correctness, not speed) | make arm64-board-stop"
 	@echo "make clean (exports) | make distclean (also the virtual environment)"
 
 env: $(STAMP)
@@ -63,11 +66,24 @@ $(OPTIMUM_STAMP): bench/optimum-constraints.txt
 	@$(OPTIMUM_VENV)/bin/pip install --quiet --disable-pip-version-check -c bench/optimum-constraints.txt optimum-executorch==1.1.0 2> >(grep -v "is ignored: it is neither" >&2)
 	@touch $@
 
-# Debian packages the device-harness tests need (a real sshd plays the board).
+# Debian packages the device-harness tests need: a real sshd plays the board, and the emulated arm64
+# board unpacks Debian's arm64 CPython and bookworm-backports' qemu-user (device_tests/arm64_board.py).
 system-packages:
 	@command -v /usr/sbin/sshd >/dev/null || { \
 		echo "edgeship: installing openssh-server"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server >/dev/null; }
+	@dpkg --print-foreign-architectures | grep -qx arm64 && apt-cache policy qemu-user | grep -q bookworm-backports || { \
+		echo "edgeship: adding Debian's arm64 packages and bookworm-backports to apt's sources (for the arm64 board)"; \
+		$(SUDO) dpkg --add-architecture arm64 && \
+		echo "deb http://deb.debian.org/debian bookworm-backports main" | $(SUDO) tee /etc/apt/sources.list.d/edgeship-backports.list >/dev/null && \
+		$(SUDO) apt-get update -qq; }
+
+# Emulated arm64 boards (qemu-user) serving on loopback, one per .tflite runtime; prints the inventory to use.
+arm64-board: $(STAMP) system-packages
+	@$(BIN)/python -m device_tests.arm64_board serve $(ARM64_BOARD)
+
+arm64-board-stop: $(STAMP)
+	@$(BIN)/python -m device_tests.arm64_board stop $(ARM64_BOARD)
 
 export: $(STAMP)
 	$(BIN)/edgeship export --target $(TARGET) $(if $(MODEL),--model $(MODEL)) --output $(OUTPUT) $(ARGS)

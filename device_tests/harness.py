@@ -110,8 +110,8 @@ def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_
         if connection is not None:
             connection.close()
         log_path.write_text("\n".join(log) + "\n")
-    files.write_json(run_folder / f"{spec.name}.json", {"device": spec.name, "ok": outcome.ok,
-                                                          "reason": outcome.reason, **outcome.result})
+    files.write_json(run_folder / f"{spec.name}.json", {"device": spec.name, "ok": outcome.ok, "reason": outcome.reason,
+                                                          "emulated": spec.emulated, **outcome.result})
     return outcome
 
 

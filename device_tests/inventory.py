@@ -39,13 +39,16 @@ class DeviceSpec:
     benchmark_app: str | None = None  # mac + iphone: ExecuTorch's Benchmark app folder (Benchmark.xcodeproj)
     team: str | None = None  # mac + iphone: Apple development team ID that signs the app, when Xcode needs one
     xcodebuild: str = "xcodebuild"  # mac + iphone: the xcodebuild of the Xcode to use
+    # An emulated CPU (device_tests.arm64_board): its results prove correctness on that instruction set;
+    # its timings are the emulator's, marked so and never compared with a baseline.
+    emulated: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _KEYS: dict[str, type] = {"name": str, "transport": str, "host": str, "port": int, "user": str, "key": str,
                           "host_key": str, "python": str, "workdir": str, "targets": list, "serial": str,
                           "runner": str, "timeout": int, "adb": str, "host_workdir": str, "iphone": str,
-                          "benchmark_app": str, "team": str, "xcodebuild": str}
+                          "benchmark_app": str, "team": str, "xcodebuild": str, "emulated": bool}
 _IPHONE_KEYS = ("iphone", "benchmark_app", "team", "xcodebuild")
 _REQUIRED = {"ssh": ("host",), "mac": ("host",), "adb": ("serial", "runner")}
 
@@ -89,7 +92,7 @@ def load_inventory(path: Path) -> list[DeviceSpec]:
         for key, value in table.items():
             if key not in _KEYS:
                 raise InventoryError(f"{where}: unknown key '{key}'{did_you_mean(key, _KEYS)}")
-            if not isinstance(value, _KEYS[key]) or isinstance(value, bool):
+            if not isinstance(value, _KEYS[key]) or (isinstance(value, bool) and _KEYS[key] is not bool):
                 raise InventoryError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
         for key in ("name", "transport"):
             if key not in table:

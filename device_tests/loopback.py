@@ -1,5 +1,7 @@
-"""Real boards for the harness tests: an OpenSSH server on loopback per board, each with its own
-host key, authorized key, work folder and Python environment."""
+"""A board on this machine: an OpenSSH server on loopback with its own host key, authorized key and work
+folder, whose commands run a given Python (this host's, another environment's, or an emulated arm64
+one: device_tests.arm64_board). The harness tests serve their boards this way, and `make arm64-board`
+serves the emulated arm64 boards."""
 
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 LogLevel ERROR
 """)
-        self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL,
+        self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL,
                                         start_new_session=True)
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -101,11 +104,3 @@ def make_board(root: Path, name: str, python: str, client_key: Path) -> Board:
     keygen(folder / "host_ed25519")
     (folder / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
     return Board(name, folder, free_port(), python, client_key).start()
-
-
-def make_python_env(folder: Path, *packages: str) -> str:
-    """A board's own Python environment (its runtime installed from the package registry)."""
-    subprocess.run(["python3", "-m", "venv", str(folder)], check=True)
-    subprocess.run([str(folder / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", *packages],
-                   check=True, capture_output=True)
-    return str(folder / "bin" / "python")

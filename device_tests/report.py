@@ -62,7 +62,8 @@ def _rows(run_folder: Path) -> list[dict[str, Any]]:
             rows.append({"device": result["device"], "artifact": None, "passed": False,
                          "error": result.get("reason", "")})
         for name, measured in artifacts.items():
-            row = {"device": result["device"], "artifact": name, "passed": bool(measured.get("passed"))}
+            row = {"device": result["device"], "artifact": name, "passed": bool(measured.get("passed")),
+                   "emulated": bool(result.get("emulated"))}
             if "error" in measured:
                 row["error"] = measured["error"]
             else:
@@ -100,7 +101,9 @@ def compare(run_folder: Path, baseline_folder: Path, threshold: float = DEFAULT_
             line["regression"] = True
             line["notes"].append(f"passed in the baseline, fails now ({row.get('error', '')})")
         was, now = (old or {}).get("latency_ms", {}).get("p50"), row.get("latency_ms", {}).get("p50")
-        if was is not None and now is not None:
+        if row["emulated"] or (old or {}).get("emulated"):
+            line["notes"].append("emulated: timings not compared")
+        elif was is not None and now is not None:
             line["p50_before_ms"], line["p50_now_ms"], line["p50_ratio"] = was, now, now / was if was else None
             if was and now > was * (1 + threshold):
                 line["regression"] = True
@@ -121,7 +124,8 @@ def summary(run_folder: Path, comparison: Comparison | None = None) -> dict[str,
     run = _read(run_folder / "run.json")
     devices: dict[str, Any] = {}
     for result in _device_results(run_folder):
-        devices[result["device"]] = {"ok": bool(result.get("ok")), "reason": result.get("reason", ""), "artifacts": {}}
+        devices[result["device"]] = {"ok": bool(result.get("ok")), "reason": result.get("reason", ""),
+                                     "emulated": bool(result.get("emulated")), "artifacts": {}}
     for row in _rows(run_folder):
         if row["artifact"]:
             devices[row["device"]]["artifacts"][row["artifact"]] = {
@@ -166,12 +170,16 @@ def render_markdown(run_folder: Path, comparison: Comparison | None = None) -> s
             lines.append(f"| {row['device']} | {row['artifact'] or '-'} | | | | | | | | {_verdict(row)} |")
             continue
         latency = row["latency_ms"]
-        lines.append(f"| {row['device']} | {row['artifact']} | {_num(row.get('load_ms'), 1)} | {_num(latency['p50'])} | "
+        device = f"{row['device']} (emulated)" if row["emulated"] else row["device"]
+        lines.append(f"| {device} | {row['artifact']} | {_num(row.get('load_ms'), 1)} | {_num(latency['p50'])} | "
                      f"{_num(latency['p90'])} | {_num(latency['p99'])} | {_num(row.get('peak_rss_mb'), 0)} | "
                      f"{_speed(row)} | {_metrics(row)} | {_verdict(row)} |")
     failed = [r["device"] for r in _device_results(run_folder) if not r.get("ok")]
     lines += ["", f"Failed devices: {', '.join(failed)}" if failed else "All devices passed.", "",
               "p50/p90/p99 are per inference; for language models, per decoded token."]
+    if any(row.get("emulated") for row in rows):
+        lines.append("Devices marked (emulated) run on an emulated CPU: their results prove correctness on its "
+                     "instruction set; their timings are the emulator's, not a device's.")
     lines += [f"- {row['device']} / {row['artifact']}: {row['note']}" for row in rows if row.get("note")]
     if comparison is not None:
         lines += ["", f"## Against baseline {Path(comparison.baseline).name}", "",
@@ -230,7 +238,7 @@ def render_html(run_folder: Path, comparison: Comparison | None = None) -> str:
     rows = _rows(run_folder)
     for row in rows:
         css = "pass" if row["passed"] else "fail"
-        cells = [e(row["device"]), e(row["artifact"] or "-")]
+        cells = [e(row["device"]) + (" (emulated)" if row.get("emulated") else ""), e(row["artifact"] or "-")]
         if "latency_ms" in row:
             latency = row["latency_ms"]
             cells += [_num(row.get("load_ms"), 1), _num(latency["p50"]), _num(latency["p90"]), _num(latency["p99"]),
@@ -238,7 +246,11 @@ def render_html(run_folder: Path, comparison: Comparison | None = None) -> str:
         else:
             cells += [""] * 7
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td class='{css}'>{e(_verdict(row))}</td></tr>")
-    out.append("</table><h2>Latency distributions</h2>")
+    out.append("</table>")
+    if any(row.get("emulated") for row in rows):
+        out.append("<p>Devices marked (emulated) run on an emulated CPU: their results prove correctness on its "
+                   "instruction set; their timings are the emulator's, not a device's.</p>")
+    out.append("<h2>Latency distributions</h2>")
     for row in rows:
         if row.get("samples_ms"):  # native runners that print only a summary have no per-run samples
             out.append(f"<div class='card'><b>{e(row['device'])}</b> / {e(row['artifact'])}<br>"

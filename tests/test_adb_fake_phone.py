@@ -25,7 +25,7 @@ from exporter.errors import DeviceError
 from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
-from tests.boards import keygen, make_board
+from device_tests.loopback import keygen, make_board
 from tests.conftest import MLP, export_tiny_lm_pte
 
 FAKES = Path(__file__).parent / "fakes"
@@ -230,13 +230,13 @@ def test_fake_phones_run_the_real_pte_and_tflite_through_their_native_runner_fla
     assert set(by_name["pixel-pte"].result["artifacts"]) == {"xnnpack-int8-dynamic"}  # executor_runner runs .pte only
     assert pte["iterations"] == 12 and len(pte["samples_ms"]) == 12 and pte["load_ms"] > 0
     assert pte["metrics"]["cosine"] > 0.999 and pte["passed"]
-    tfl = by_name["galaxy-tflite"].result["artifacts"]["litert-int8-dynamic"]
+    tfl = by_name["galaxy-tflite"].result["artifacts"]["litert-int8-dynamic-tensor"]
     assert tfl["iterations"] >= 12 and tfl["latency_ms"]["p50"] > 0 and tfl["peak_rss_mb"] > 0
     assert tfl["metrics"]["cosine"] > 0.999 and tfl["passed"]
     facts = by_name["pixel-pte"].result["facts"]
     assert facts["os"] == "Android" and facts["abi"] == "arm64-v8a" and facts["model"] == "Fake Pixel"
     # outputs pulled back from the phone and kept with the run
-    saved = np.load(run_folder / "galaxy-tflite.outputs" / "litert-int8-dynamic.outputs.npz")
+    saved = np.load(run_folder / "galaxy-tflite.outputs" / "litert-int8-dynamic-tensor.outputs.npz")
     assert saved.files and (run_folder / "report.html").is_file()
     assert "| pixel-pte | xnnpack-int8-dynamic |" in (run_folder / "report.md").read_text()
     # nothing of the run is left on the phone but the artifact cache

@@ -25,7 +25,7 @@ from exporter.errors import DeviceError
 from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
-from tests.boards import keygen, make_board
+from device_tests.loopback import keygen, make_board
 from tests.conftest import MLP, export_tiny_lm_pte
 
 FAKES = Path(__file__).parent / "fakes"
