@@ -54,13 +54,16 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def targets_command() -> int:
-    for name in known_targets():
-        target = load_target(name)
-        print(f"{name}: {target.description}")
+    targets = [load_target(name) for name in known_targets()]
+    width = max(len(spec.filename) for target in targets for spec in target.artifacts)
+    for target in targets:
+        print(f"{target.name}: {target.description}")
         for spec in target.artifacts:
             group = f", group {spec.group_size}" if spec.group_size else ""
             extra = f", {spec.deployment_target}" if spec.deployment_target else ""
-            print(f"  {spec.filename:32} {spec.backend:9} {spec.quant}{group}{extra}: {SCHEMES[spec.quant].summary}")
+            runs_on = f"; checked on {', '.join(spec.runtimes)}" if spec.runtimes else ""
+            print(f"  {spec.filename:{width}} {spec.backend:9} {spec.quant}{group}{extra}: {SCHEMES[spec.quant].summary}"
+                  f"{runs_on}")
     return 0
 
 

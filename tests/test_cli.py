@@ -38,6 +38,8 @@ def test_targets_lists_every_target_with_its_artifacts() -> None:
     for name in ("android:", "ios:", "raspberry-pi:", "linux-x86_64:", "xnnpack-int8-dynamic.pte",
                  "mlprogram-int8-weight.mlpackage"):
         assert name in result.stdout
+    pi_tflite = next(line for line in result.stdout.splitlines() if "litert-int8-dynamic-tensor.tflite" in line)
+    assert pi_tflite.endswith("checked on tflite-runtime-2.14")  # the runtimes its devices run
 
 
 def test_unknown_target() -> None:

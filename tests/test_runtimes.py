@@ -104,3 +104,11 @@ def test_bad_runtimes_are_refused_with_the_fix(tmp_path: Path, runtimes: str, me
     text = f'runtimes = {runtimes}\n[[artifact]]\nformat = "pte"\nquant = "fp32"\n[artifact.parity]\nmin_cosine = 0.99\n'
     with pytest.raises(TargetError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_target_file(write_target(tmp_path, "bad", text))
+
+
+def test_every_shipped_target_names_a_runtime_for_each_of_its_artifacts() -> None:
+    from exporter.targets import known_targets
+
+    for name in known_targets():
+        for spec in load_target(name).artifacts:
+            assert spec.runtimes, f"{name}: {spec.filename} names no runtime its devices run"
