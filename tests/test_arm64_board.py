@@ -86,6 +86,18 @@ def test_raspberry_pi_artifacts_pass_on_arm64_with_both_tflite_runtimes(arm64: d
     assert summary_json["devices"]["arm64-ai-edge-litert-2.3"]["emulated"] is True
 
 
+def test_android_tflite_passes_on_arm64_litert(arm64: dict) -> None:
+    """android's .tflite (per-channel int8 dynamic range) on the runtime its apps bundle, LiteRT 2.x, on arm64."""
+    from tests.conftest import MLP
+
+    summary = export(load_target("android"), load_model(MLP), arm64["root"] / "android-dist", only=("tflite",))
+    assert summary.ok
+    run_folder, outcomes = run_devices([device(arm64, "ai-edge-litert-2.3")], summary.folder, arm64["root"] / "results",
+                                       arm64["settings"])
+    measured = outcomes[0].result["artifacts"]["litert-int8-dynamic"]
+    assert outcomes[0].ok and measured["metrics"]["cosine"] > 0.999
+
+
 def test_per_channel_dynamic_range_fails_on_arm64_tflite_runtime_2_14_as_on_x86(arm64: dict) -> None:
     """The fault is the runtime version, not the CPU: LiteRT 2.3 computes it right on arm64 too."""
     target = load_target_file(write_target(arm64["root"], "per-channel", PER_CHANNEL))
