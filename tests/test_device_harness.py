@@ -22,9 +22,9 @@ from exporter.sources import load_model
 from exporter.targets import load_target, load_target_file
 from device_tests.loopback import Board, keygen, make_board
 from tests.boards import make_python_env
-from tests.conftest import MLP, write_target
+from tests.conftest import MLP, needs_sshd, write_target
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs openssh-server (make test installs it)")
+pytestmark = needs_sshd
 
 
 @pytest.fixture(scope="module")
