@@ -14,8 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-out: TextIO = sys.stdout  # edgeship's results (tables, paths)
-err: TextIO = sys.stderr  # edgeship's stage lines and errors
+class _Current:
+    """Whatever sys.stdout / sys.stderr is when written to (a test's capture included), until diverted."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+out: TextIO | _Current = _Current("stdout")  # edgeship's results (tables, paths)
+err: TextIO | _Current = _Current("stderr")  # edgeship's stage lines and errors
 log: Path | None = None  # where the toolchain's output went, once diverted
 
 
