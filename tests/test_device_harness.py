@@ -357,7 +357,7 @@ min_token_agreement = 0.5
 def test_a_folder_artifact_is_pushed_as_one_archive_and_skipped_when_intact(lab: dict, tmp_path: Path) -> None:
     """An .mlpackage is a folder: it travels as a tar, is unpacked in place, and the device's digest of
     the unpacked folder equals the manifest's (so the next run skips it)."""
-    from device_tests.harness import push
+    from device_tests.transport import push
     from device_tests.transport import SshDevice
     from exporter import files
 
