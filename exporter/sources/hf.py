@@ -6,6 +6,7 @@ decoder-only language models go to ``decoder``. The task comes from the config's
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,21 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
     tokenizer = _tokenizer(folder)
     vocab = int(config.get("vocab_size", 30522))
 
+    # The artifacts take their inputs in the order of the model's own forward (input_ids, attention_mask,
+    # token_type_ids for BERT), which is what an app developer reading the model card feeds; the tokenizer
+    # returns them in another order.
+    forward_order = list(inspect.signature(model.forward).parameters)
+
     def make_inputs(seed: int) -> dict[str, torch.Tensor]:
         if tokenizer is not None:
             texts = [SAMPLE_TEXTS[(seed + i) % len(SAMPLE_TEXTS)] for i in range(options.batch_size)]
             encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-            return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            found = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
+            found = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return {k: found[k] for k in sorted(found, key=lambda k: forward_order.index(k) if k in forward_order else 99)}
 
     wrapped: nn.Module = MeanPooling(model, normalize) if pooling else model
     sample = make_inputs(0)
@@ -131,7 +139,7 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
         source={"kind": "hf-folder", "path": str(folder.resolve()), "task": task,
                 "architecture": (config.get("architectures") or ["?"])[0], "seq_len": seq_len,
                 "tokenizer": tokenizer is not None},
-        fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size)),
+        fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size), ",".join(names)),
         logits_outputs=frozenset(n for n in outputs if n == "logits"),
         padding_mask="attention_mask" if "attention_mask" in names else None,
         make_inputs=lambda seed: tuple(make_inputs(seed).values()),
