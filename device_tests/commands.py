@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
+from exporter import console
 from exporter.errors import DeviceError
 
 from .harness import Settings, board_facts, run_devices
@@ -45,16 +45,16 @@ def device_test_command(args: argparse.Namespace) -> int:
     comparison = None
     if baseline is not None:  # the run wrote its reports; add the comparison to them
         _, comparison = write_reports(run_folder, baseline, args.regression_threshold)
-    print((run_folder / "report.md").read_text())
-    print("reports: report.md, report.html, summary.json in")
-    print(run_folder)
+    print((run_folder / "report.md").read_text(), file=console.out)
+    print("reports: report.md, report.html, summary.json in", file=console.out)
+    print(run_folder, file=console.out)
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
-        print(f"error: {outcome.device}: {outcome.reason}", file=sys.stderr)
+        print(f"error: {outcome.device}: {outcome.reason}", file=console.err)
     if failed:
         again = " ".join(["edgeship", "device-test", shlex.quote(str(folder)), "--devices", shlex.quote(args.devices),
                           "--device", shlex.quote(",".join(o.device for o in failed))])
-        print(f"re-run only the failed devices: {again}", file=sys.stderr)
+        print(f"re-run only the failed devices: {again}", file=console.err)
         return 1
     return _regression_exit(comparison)
 
@@ -75,7 +75,7 @@ def _regression_exit(comparison: Comparison | None) -> int:
     if comparison is None or not comparison.regressions:
         return 0
     for line in comparison.regressions:
-        print(f"regression: {line['device']} / {line['artifact']}: {'; '.join(line['notes'])}", file=sys.stderr)
+        print(f"regression: {line['device']} / {line['artifact']}: {'; '.join(line['notes'])}", file=console.err)
     return 3
 
 
@@ -95,15 +95,16 @@ def devices_check_command(args: argparse.Namespace) -> int:
                 facts = iphone_facts(device, spec)
                 print(f"{spec.name}: {facts['model']} ({spec.iphone}) attached to {spec.host}, {facts['xcode']}, "
                       f"Benchmark app at {spec.benchmark_app} linked to the work folder, "
-                      f"{facts['free_bytes'] / 1e9:.1f} GB free on the Mac")
+                      f"{facts['free_bytes'] / 1e9:.1f} GB free on the Mac", file=console.out)
                 continue
             facts = board_facts(device, spec)
             runtimes = ", ".join(f"{k} {v}" for k, v in facts["runtimes"].items()) or "none"
             print(f"{spec.name}: reachable, {facts['arch']} {facts['os']} {facts['release']}, Python {facts['python']}, "
-                  f"NumPy {facts['numpy']}, {facts['free_bytes'] / 1e9:.1f} GB free, runtimes: {runtimes}")
+                  f"NumPy {facts['numpy']}, {facts['free_bytes'] / 1e9:.1f} GB free, runtimes: {runtimes}",
+                  file=console.out)
         except DeviceError as exc:
             failed += 1
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {exc}", file=console.err)
         finally:
             device.close()
     return 1 if failed else 0
@@ -118,10 +119,10 @@ def _check_phone(spec, device: SshDevice) -> int:
         runner = "present" if facts["runtimes"] else "MISSING"
         print(f"{spec.name}: reachable over adb ({spec.serial}), {facts['model']}, Android {facts['release']}, "
               f"{facts['abi']}, {facts['free_bytes'] / 1e9:.1f} GB free, runner {spec.runner} {runner} "
-              f"(runs .{facts['runner_format']})")
+              f"(runs .{facts['runner_format']})", file=console.out)
         return 0 if facts["runtimes"] else 1
     except DeviceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=console.err)
         return 1
     finally:
         host.close()
@@ -132,6 +133,6 @@ def report_command(args: argparse.Namespace) -> int:
     if not (folder / "run.json").is_file():
         raise DeviceError(f"{folder}: not a device run folder (no run.json)")
     report, comparison = write_reports(folder, _baseline(args), args.regression_threshold)
-    print(report.read_text())
-    print(f"reports: report.md, report.html, summary.json in\n{folder}")
+    print(report.read_text(), file=console.out)
+    print(f"reports: report.md, report.html, summary.json in\n{folder}", file=console.out)
     return _regression_exit(comparison)

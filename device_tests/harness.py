@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import tarfile
 import shlex
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from exporter.errors import DeviceError
 from . import runner as runner_module
 from .inventory import DeviceSpec
 from .report import write_reports
-from .transport import SshDevice
+from .transport import SshDevice, push, remote_path
 
 RUNTIMES_FOR = {"tflite": ("ai_edge_litert", "tflite_runtime"), "pte": ("executorch",), "mlpackage": ("coremltools",)}
 
@@ -70,11 +69,6 @@ def plan(data: dict[str, Any], facts: dict[str, Any], device: DeviceSpec) -> lis
         raise DeviceError(f"{device.name} ({facts.get('arch')}, runtimes: {', '.join(sorted(present)) or 'none'}) "
                           f"cannot run any artifact of this export: {'; '.join(sorted(missing)) or 'nothing to run'}")
     return runnable
-
-
-def remote_path(device: DeviceSpec, *parts: str) -> str:
-    """A path inside the device's work folder."""
-    return "/".join([device.workdir.rstrip("/"), *parts])
 
 
 def run_device(spec: DeviceSpec, export_folder: Path, data: dict[str, Any], run_folder: Path,
@@ -184,22 +178,6 @@ def board_facts(device: SshDevice, spec: DeviceSpec) -> dict[str, Any]:
         raise DeviceError(f"{spec.name}: {spec.host} runs {facts.get('os')}, not macOS; Core ML needs a Mac "
                           "(use transport = \"ssh\" for this device)")
     return facts
-
-
-def push(device: SshDevice, local: Path, remote: str, scratch: Path) -> None:
-    """A file as it is; a folder (an .mlpackage) as a tar unpacked in place on the device, replacing any
-    partial copy (its digest over the unpacked files is what the next run's skip check compares)."""
-    if not local.is_dir():
-        device.put(local, remote)
-        return
-    archive = scratch / f"{local.name}.tar"
-    with tarfile.open(archive, "w") as tar:
-        tar.add(local, arcname=".")
-    q = shlex.quote
-    device.put(archive, remote + ".tar")
-    archive.unlink()
-    device.run(f"rm -rf {q(remote)} && mkdir -p {q(remote)} && tar -xf {q(remote + '.tar')} -C {q(remote)} "
-               f"&& rm -f {q(remote + '.tar')}")
 
 
 def _failed_checks(measured: dict[str, Any]) -> str:

@@ -27,9 +27,8 @@ from exporter.errors import DeviceError
 from exporter.manifest import program_data_files
 
 from . import runner as device_runner
-from .harness import push, remote_path
 from .inventory import DeviceSpec
-from .transport import RemoteCommandError, SshDevice
+from .transport import RemoteCommandError, SshDevice, push, remote_path
 
 RESOURCES = "iphone-resources"
 PROJECT = "Benchmark.xcodeproj"

@@ -43,6 +43,8 @@ class Board:
         return f"[127.0.0.1]:{self.port} ssh-ed25519 {self.host_public_key}\n"
 
     def start(self) -> Board:
+        if not Path(SSHD).exists():
+            raise RuntimeError(f"{SSHD} is missing: install openssh-server (make system-packages does)")
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
         config = self.folder / "sshd_config"
         config.write_text(f"""Port {self.port}

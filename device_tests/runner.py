@@ -1,6 +1,12 @@
 """edgeship's on-device runner. Self-contained: stdlib, NumPy and whichever runtime the device has
 (ai_edge_litert or tflite_runtime for .tflite, executorch for .pte). Nothing from the host toolchain.
 
+It is the one module both sides share: boards and phones run this file as it is, the exporter checks
+artifacts on other runtimes by running it in their environments (exporter.runtimes), and the exporter's
+own parity imports its steppers, teacher-forced replay and checksum from it, so that what the host
+measures and what a device measures is one code path. Hence the direction of the imports: the exporter
+reads from here, never the other way.
+
   python runner.py --facts                 device facts as JSON
   python runner.py --hashes FILE...        sha256 of files already on the device
   python runner.py job.json                run the job, write result.json next to it, print it

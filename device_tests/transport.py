@@ -12,6 +12,7 @@ import base64
 import hashlib
 import shlex
 import socket
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,24 @@ class SshDevice:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def remote_path(device: DeviceSpec, *parts: str) -> str:
+    """A path inside the device's work folder."""
+    return "/".join([device.workdir.rstrip("/"), *parts])
+
+
+def push(device: SshDevice, local: Path, remote: str, scratch: Path) -> None:
+    """A file as it is; a folder (an .mlpackage) as a tar unpacked in place on the device, replacing any
+    partial copy (its digest over the unpacked files is what the next run's skip check compares)."""
+    if not local.is_dir():
+        device.put(local, remote)
+        return
+    archive = scratch / f"{local.name}.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(local, arcname=".")
+    q = shlex.quote
+    device.put(archive, remote + ".tar")
+    archive.unlink()
+    device.run(f"rm -rf {q(remote)} && mkdir -p {q(remote)} && tar -xf {q(remote + '.tar')} -C {q(remote)} "
+               f"&& rm -f {q(remote + '.tar')}")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import files, manifest
+from . import console, files, manifest
 from .anchors import LABEL as ANCHOR_LABEL
 from .anchors import require_optimum_python
 from .cli import positive_int
@@ -199,7 +199,7 @@ def _anchor(folder: Path) -> dict[str, Any]:
                                                                text=True) as child:
         said = []
         for line in child.stderr or []:  # its stage lines, shown as they come
-            sys.stderr.write(line)
+            console.err.write(line)
             said.append(line.strip())
         child.wait()
         out.seek(0)
@@ -322,18 +322,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--anchors", action="store_true",
                         help="also time optimum-executorch's .pte of the same model (from .venv-optimum; "
                              "exporter/anchors.py)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the runtimes' own logs")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        console.divert("bench")
     try:
         result = bench(args.folder, args.runs, anchors=args.anchors)
     except EdgeshipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {exc}", file=console.err)
+        return console.finish(2)
     out = Path("bench") / f"{result['model']}.json"
     out.parent.mkdir(exist_ok=True)
     files.write_json(out, result)
-    print(render(result))
-    print(f"\n{out}")
-    return 0
+    print(render(result), file=console.out)
+    print(f"\n{out}", file=console.out)
+    return console.finish(0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``edgeship``: export models for edge targets, list targets, re-validate exports.
 
-Only the project's own errors become a one-line ``error:``; anything unexpected keeps its traceback.
+Only the project's own errors become a one-line ``error:``; anything unexpected keeps its traceback (in the
+log the toolchain's output goes to, named on the terminal; with ``-v``, on the terminal).
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from . import console
 from .errors import EdgeshipError
 
 DEFAULT_OUTPUT = "dist"
@@ -106,41 +109,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load the toolchain: unless -v, its own output goes to a log file (exporter.console).
+_DIVERTED = {"export", "validate", "device-test", "devices"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_toolchain(args.verbose)
+    if not args.verbose and args.command in _DIVERTED:
+        console.divert(args.command)
     try:
-        if args.command == "export":
-            from .commands import export_command
-
-            return export_command(args)
-        if args.command == "targets":
-            from .commands import targets_command
-
-            return targets_command()
-        if args.command == "validate":
-            from .commands import validate_command
-
-            return validate_command(Path(args.folder))
-        if args.command == "device-test":
-            from device_tests.commands import device_test_command
-
-            return device_test_command(args)
-        if args.command == "devices":
-            from device_tests.commands import devices_check_command
-
-            return devices_check_command(args)
-        if args.command == "report":
-            from device_tests.commands import report_command
-
-            return report_command(args)
+        status = _run(args)
     except EdgeshipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {exc}", file=console.err)
+        status = 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written was left in place, re-run to resume", file=sys.stderr)
-        return 130
-    return 0
+        print("error: interrupted; nothing half-written was left in place, re-run to resume", file=console.err)
+        status = 130
+    except Exception as exc:
+        if console.log is None:
+            raise  # -v: the traceback on the terminal, as Python prints it
+        traceback.print_exc()  # into the log, beside what the toolchain said before it
+        print(f"error: unexpected {type(exc).__name__}: {exc}\n(the traceback and the toolchain's own messages: "
+              f"{console.log})", file=console.err)
+        return 1
+    return console.finish(status)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from .commands import export_command
+
+        return export_command(args)
+    if args.command == "targets":
+        from .commands import targets_command
+
+        return targets_command()
+    if args.command == "validate":
+        from .commands import validate_command
+
+        return validate_command(Path(args.folder))
+    if args.command == "device-test":
+        from device_tests.commands import device_test_command
+
+        return device_test_command(args)
+    if args.command == "devices":
+        from device_tests.commands import devices_check_command
+
+        return devices_check_command(args)
+    from device_tests.commands import report_command
+
+    return report_command(args)
 
 
 if __name__ == "__main__":

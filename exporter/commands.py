@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import files, manifest
+from . import console, files, manifest
 from .errors import ExportError
 from .progress import Progress
 from .quant import SCHEMES
@@ -42,14 +41,14 @@ def export_command(args: argparse.Namespace) -> int:
                                                context_len=args.context_len))
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     summary = export(target, model, Path(args.output), only=only, progress=progress, parallel=not args.sequential)
-    print(render_table([r.record for r in summary.results], summary.fp32_bytes))
-    print(f"\n{summary.folder}/{manifest.MANIFEST}")
+    print(render_table([r.record for r in summary.results], summary.fp32_bytes), file=console.out)
+    print(f"\n{summary.folder}/{manifest.MANIFEST}", file=console.out)
     failed = [r for r in summary.results if not r.ok]
     for result in failed:
         if result.status == "error":  # a ConversionError message already names the artifact
-            print(f"error: {result.record['error']}", file=sys.stderr)
+            print(f"error: {result.record['error']}", file=console.err)
         else:
-            print(f"error: {result.spec.filename}: {'; '.join(result.record.get('failures', []))}", file=sys.stderr)
+            print(f"error: {result.spec.filename}: {'; '.join(result.record.get('failures', []))}", file=console.err)
     return 1 if failed else 0
 
 
@@ -57,13 +56,13 @@ def targets_command() -> int:
     targets = [load_target(name) for name in known_targets()]
     width = max(len(spec.filename) for target in targets for spec in target.artifacts)
     for target in targets:
-        print(f"{target.name}: {target.description}")
+        print(f"{target.name}: {target.description}", file=console.out)
         for spec in target.artifacts:
             group = f", group {spec.group_size}" if spec.group_size else ""
             extra = f", {spec.deployment_target}" if spec.deployment_target else ""
             runs_on = f"; checked on {', '.join(spec.runtimes)}" if spec.runtimes else ""
             print(f"  {spec.filename:{width}} {spec.backend:9} {spec.quant}{group}{extra}: {SCHEMES[spec.quant].summary}"
-                  f"{runs_on}")
+                  f"{runs_on}", file=console.out)
     return 0
 
 
@@ -143,9 +142,9 @@ def validate_command(folder: Path) -> int:
             failed.append(record)
     data["validated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     files.write_json(folder / manifest.MANIFEST, data)
-    print(render_table(data["artifacts"], model["fp32_bytes"]))
+    print(render_table(data["artifacts"], model["fp32_bytes"]), file=console.out)
     for record in failed:
-        print(f"error: {record['file']}: {'; '.join(record.get('failures', []))}", file=sys.stderr)
+        print(f"error: {record['file']}: {'; '.join(record.get('failures', []))}", file=console.err)
     return 1 if failed else 0
 
 

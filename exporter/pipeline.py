@@ -2,16 +2,13 @@
 
 One function, ``export``. The float program is traced once and shared by every artifact that can
 take it; each artifact is built in a staging folder and renamed into place only when complete;
-the manifest is written last, so a folder without one was never finished. A re-run reuses every
-artifact whose inputs did not change and which passed before.
+the manifest is written last, so a folder without one was never finished. What a re-run may reuse
+instead of building, and why, is exporter.reuse's to say.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import files, lm_parity, manifest, runtimes, validate
+from . import files, lm_parity, manifest, reuse, runtimes
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
 from .heap import return_freed_memory
@@ -31,7 +28,6 @@ from .sources import LoadedModel
 from .targets import ArtifactSpec, Target
 from .validate import Golden, make_golden, measure, record_verdict
 
-GOLDEN_SETS = 4
 OK_STATUSES = ("passed", "pending-mac")
 
 
@@ -55,28 +51,6 @@ class ExportSummary:
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.results)
-
-
-def artifact_key(model: LoadedModel, spec: ArtifactSpec, toolchain: dict[str, str]) -> str:
-    """Everything that changes an artifact's bytes or its measured metrics; equal keys mean reuse.
-
-    Thresholds are not in it: a changed threshold re-judges the stored metrics without a rebuild.
-    """
-    payload = json.dumps({"model": model.fingerprint, "spec": spec.canonical(), "golden_sets": GOLDEN_SETS,
-                          "tools": toolchain, "data": _data_fingerprint(), "runtimes": list(spec.runtimes)},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _data_fingerprint() -> str:
-    """Evaluation texts, prompts and calibration text: changing any of them changes verdicts or bytes."""
-    from importlib import resources
-
-    digest = hashlib.sha256()
-    for entry in sorted(resources.files("exporter.data").iterdir(), key=lambda e: e.name):
-        if entry.name.endswith((".txt", ".json")):
-            digest.update(entry.name.encode() + entry.read_bytes())
-    return digest.hexdigest()
 
 
 def fp32_size(model: LoadedModel) -> int:
@@ -120,7 +94,7 @@ def export(
         np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
         bundle = bundle_files(folder, model.language)
     else:
-        golden = make_golden(model, GOLDEN_SETS)
+        golden = make_golden(model, reuse.GOLDEN_SETS)
         golden.save(folder / manifest.GOLDEN)
         bundle = {}
     program: torch.export.ExportedProgram | None = model.program
@@ -130,9 +104,9 @@ def export(
                     "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
                     "padding_mask": model.padding_mask, "fp32_bytes": reference}
     golden_record = {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
-                     "kind": "language-model" if model.language is not None else "tensors", "sets": GOLDEN_SETS}
+                     "kind": "language-model" if model.language is not None else "tensors", "sets": reuse.GOLDEN_SETS}
     # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
-    plans = [_plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
+    plans = [reuse.plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
              for spec in specs]
     if parallel and model.language is not None:
         for plan in plans:
@@ -166,26 +140,6 @@ def export(
 
 
 @dataclass
-class _Plan:
-    spec: ArtifactSpec
-    key: str
-    reused: dict[str, Any] | None  # this folder's intact artifact with the same key
-    elsewhere: tuple[Path, dict[str, Any]] | None  # another target's intact artifact with the same key
-
-    @property
-    def builds(self) -> bool:
-        return self.reused is None and self.elsewhere is None
-
-
-def _plan(model: LoadedModel, spec: ArtifactSpec, tools: dict[str, str], folder: Path, previous: dict[str, Any] | None,
-          output_root: Path, target: str) -> _Plan:
-    key = artifact_key(model, spec, tools)
-    reused = _reusable(folder, spec, key, previous)
-    elsewhere = None if reused is not None else _built_for_other_target(output_root, target, model.name, spec, key)
-    return _Plan(spec, key, reused, elsewhere)
-
-
-@dataclass
 class _RuntimeCheck:
     """What running an artifact on the target's other runtimes needs: the golden data and how to compare."""
 
@@ -204,31 +158,20 @@ class _RuntimeCheck:
                     runtime, artifact, companions, self.golden_file, self.model_record, self.golden_record, record)
 
 
-def _judge_on_runtimes(record: dict[str, Any], spec: ArtifactSpec) -> None:
-    """An artifact that passed on the host passes only if it passes on every runtime of its target."""
-    for name, measured in record.get("runtimes", {}).items():
-        if "metrics" in measured:
-            verdict = validate.judge(measured["metrics"], spec.parity)
-            measured.update(checks=verdict["checks"], passed=verdict["passed"])
-        if record.get("status") == "passed" and not measured.get("passed"):
-            record["status"] = "failed"
-            record["failures"] = record.get("failures", []) + [runtimes.describe_failure(name, measured)]
-
-
-def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, plans: list[_Plan], folder: Path,
+def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, plans: list[reuse.Plan], folder: Path,
                golden: Golden | lm_parity.Reference, progress: Progress, on_runtimes: _RuntimeCheck) -> list[ArtifactResult]:
     """Each artifact in the target's order: reused if unchanged, copied if another target built it, else built."""
     results = []
     for plan in plans:
         spec = plan.spec
         if plan.reused is not None:
-            reused = _rejudge(plan.reused, spec)
+            reused = reuse.rejudge(plan.reused, spec)
             progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
             results.append(ArtifactResult(spec, reused["status"], reused))
             continue
         if plan.elsewhere is not None:
-            origin, record = _copy_from_other_target(plan.elsewhere, spec, folder)
-            record = _rejudge(record, spec)
+            origin, record = reuse.copy_from_other_target(plan.elsewhere, spec, folder)
+            record = reuse.rejudge(record, spec)
             progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
                          f"({record['status']})")
             results.append(ArtifactResult(spec, record["status"], record))
@@ -280,65 +223,6 @@ def _trace(model: LoadedModel) -> torch.export.ExportedProgram:
     except Exception as exc:
         raise ExportError(f"torch.export could not trace {model.name}: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
-
-
-def _rejudge(record: dict[str, Any], spec: ArtifactSpec) -> dict[str, Any]:
-    """Hold a reused artifact's stored metrics to the target's current thresholds."""
-    record = dict(record, thresholds={k: v for k, v in vars(spec.parity).items() if v is not None})
-    metrics = (record.get("parity") or {}).get("metrics")
-    if metrics is not None and record.get("status") in ("passed", "failed"):
-        record_verdict(record, metrics, spec.parity)
-        _judge_on_runtimes(record, spec)
-    return record
-
-
-def _reusable(folder: Path, spec: ArtifactSpec, key: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not record or record.get("key") != key or record.get("status") not in ("passed", "failed", "pending-mac"):
-        return None
-    path = folder / spec.filename
-    if not path.exists() or files.sha256_of(path) != record.get("sha256"):
-        return None
-    if not _companions_intact(folder, record):  # a .pte without its .ptd is no artifact at all
-        return None
-    return record
-
-
-def _companions_intact(folder: Path, record: dict[str, Any]) -> bool:
-    return all((folder / c["file"]).exists() and files.sha256_of(folder / c["file"]) == c["sha256"]
-               for c in record.get("companions", []))
-
-
-def _copy_from_other_target(found: tuple[Path, dict[str, Any]], spec: ArtifactSpec,
-                            folder: Path) -> tuple[str, dict[str, Any]]:
-    """An identical artifact (same key: model, spec, toolchain, data) that another target's export of this
-    model already built and checked: copied into this target's folder instead of converted again."""
-    other, record = found
-    names = [spec.filename, *(c["file"] for c in record.get("companions", []))]
-    with files.staging(folder) as stage:
-        for name in names:
-            source = other / name
-            if source.is_dir():  # a .mlpackage is a folder
-                shutil.copytree(source, stage / name)
-            else:
-                shutil.copy2(source, stage / name)
-        for name in names:
-            files.replace(stage / name, folder / name)
-    return other.parent.name, {**record, "copied_from_target": other.parent.name}
-
-
-def _built_for_other_target(output_root: Path, target: str, model_name: str, spec: ArtifactSpec,
-                            key: str) -> tuple[Path, dict[str, Any]] | None:
-    """The other target's export folder and record holding this very artifact, intact (companions too)."""
-    for manifest_path in sorted(output_root.glob(f"*/{model_name}/{manifest.MANIFEST}")):
-        other = manifest_path.parent
-        if other.parent.name == target:
-            continue
-        records = (manifest.read(other) or {}).get("artifacts", [])
-        record = next((r for r in records if r.get("name") == spec.name and r.get("key") == key), None)
-        if record is None or _reusable(other, spec, key, record) is None:
-            continue
-        return other, record
-    return None
 
 
 def _build_one(
@@ -394,7 +278,7 @@ def _build_one(
                 record_verdict(record, metrics, spec.parity)
                 if record["status"] == "passed":
                     on_runtimes.run(spec, staged, [stage / c for c in built.companions], record, progress)
-                    _judge_on_runtimes(record, spec)
+                    runtimes.judge_record(record, spec)
                 status = record["status"]
             files.replace(staged, destination)
             record["companions"] = []

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterator
+
+from . import console
 
 
 class Progress:
@@ -15,7 +16,7 @@ class Progress:
 
     def say(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{time.monotonic() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
+            print(f"[{time.monotonic() - self.start:7.1f}s] {message}", file=console.err, flush=True)
 
     @contextlib.contextmanager
     def stage(self, message: str) -> Iterator[None]:

@@ -137,3 +137,16 @@ def describe_failure(name: str, measured: dict[str, Any]) -> str:
         return f"on {name}: {measured['error']}"
     failed = [c for c in measured.get("checks", []) if not c["passed"]]
     return f"on {name}: " + ", ".join(f"{c['metric']} {c['measured']:.4g} (needs {c['required']:g})" for c in failed)
+
+
+def judge_record(record: dict[str, Any], spec: Any) -> None:
+    """An artifact that passed on the host passes only if it passes on every runtime of its target."""
+    from .validate import judge  # the parity rules, with the toolchain they load: not at target loading
+
+    for name, measured in record.get("runtimes", {}).items():
+        if "metrics" in measured:
+            verdict = judge(measured["metrics"], spec.parity)
+            measured.update(checks=verdict["checks"], passed=verdict["passed"])
+        if record.get("status") == "passed" and not measured.get("passed"):
+            record["status"] = "failed"
+            record["failures"] = record.get("failures", []) + [describe_failure(name, measured)]

@@ -11,6 +11,23 @@ import pytest
 os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The harness tests serve real sshds on loopback. Without openssh-server they skip on a developer's
+# machine; under CI (CI=true) they run and fail, since `make test` installs it.
+needs_sshd = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"),
+                                reason="needs openssh-server (make test installs it)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `anchors` build optimum-executorch's .pte of the real model (minutes of both cores):
+    deselected unless EDGESHIP_ANCHOR_TESTS=1, so that a run reports them as not chosen, never as skipped."""
+    if os.environ.get("EDGESHIP_ANCHOR_TESTS") == "1":
+        return
+    dropped = [item for item in items if item.get_closest_marker("anchors")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("anchors")]
+
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 MLP = f"{TESTS}/models.py:build_mlp"

@@ -26,7 +26,7 @@ from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
 from device_tests.loopback import keygen, make_board
-from tests.conftest import MLP, export_tiny_lm_pte
+from tests.conftest import MLP, export_tiny_lm_pte, needs_sshd
 
 FAKES = Path(__file__).parent / "fakes"
 
@@ -260,7 +260,7 @@ def test_fake_phone_faults_are_named_and_leave_the_good_phone_intact(phones: dic
     assert json.loads((run_folder / "good.json").read_text())["ok"] is True
 
 
-@pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs openssh-server (make test installs it)")
+@needs_sshd
 def test_fake_phone_attached_to_a_lab_host_reached_over_real_ssh(phones: dict) -> None:
     """The phone hangs off another machine: Fabric reaches that host for real (sshd on loopback),
     files are staged there, and adb runs there."""

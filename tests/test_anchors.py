@@ -219,9 +219,7 @@ def test_bench_without_anchors_never_touches_the_optimum_environment(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("EDGESHIP_ANCHOR_TESTS") != "1",
-                    reason="builds optimum-executorch's .pte of the real model (about 6 minutes of both cores); "
-                           "set EDGESHIP_ANCHOR_TESTS=1")
+@pytest.mark.anchors  # about 6 minutes of both cores: run with EDGESHIP_ANCHOR_TESTS=1 (tests/conftest.py)
 def test_bench_with_anchors_on_the_default_model(tmp_path: Path) -> None:
     """What `make bench ANCHORS=1` runs, on the default model, with the bench table written under tmp_path."""
     subprocess.run(["make", ".venv-optimum/.edgeship-installed"], cwd=ROOT, check=True, timeout=1800)

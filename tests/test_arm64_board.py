@@ -17,9 +17,9 @@ from device_tests.loopback import keygen, make_board
 from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.targets import load_target, load_target_file
-from tests.conftest import make_tiny_gguf, write_target
+from tests.conftest import make_tiny_gguf, needs_sshd, write_target
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs openssh-server (make test installs it)")
+pytestmark = needs_sshd
 
 CNN = f"{Path(__file__).parent}/models.py:build_depthwise_cnn"
 PER_CHANNEL = """

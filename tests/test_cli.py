@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,13 @@ import pytest
 
 from tests.conftest import MLP, TESTS, run_cli, write_target
 
+PTE_ONLY = """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_cosine = 0.9999
+"""
 FLOAT_TFLITE = """
 [[artifact]]
 format = "tflite"
@@ -239,3 +248,30 @@ def test_export_prints_summary_table(tmp_path: Path) -> None:
     assert header[:3] == ["artifact", "size", "MB"]
     assert "litert-fp32.tflite" in result.stdout and "passed" in result.stdout
     assert "litert-fp32.tflite: litert, fp32" in result.stderr  # progress with elapsed time
+
+
+def _edgeship(*args: str, logs: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True,
+                          cwd=Path(TESTS).parent, timeout=900, env={**os.environ, "EDGESHIP_LOGS": str(logs)})
+
+
+def test_the_toolchains_own_output_goes_to_a_log_unless_verbose(tmp_path: Path) -> None:
+    """ExecuTorch's C++ runtime prints cpuinfo lines when XNNPACK loads; a user sees edgeship's lines only."""
+    target = write_target(tmp_path, "pte", PTE_ONLY)
+    logs = tmp_path / "logs"
+    quiet = _edgeship("export", "--target", str(target), "--model", MLP, "--output", str(tmp_path / "dist"), logs=logs)
+    assert quiet.returncode == 0, quiet.stderr
+    assert all(re.match(r"\[ *\d+\.\ds\] ", line) for line in quiet.stderr.splitlines()), quiet.stderr
+    assert "cpuinfo" not in quiet.stdout + quiet.stderr and "xnnpack-fp32.pte  " in quiet.stdout
+    assert not list(logs.iterdir())  # a successful command leaves no log behind
+
+    folder = tmp_path / "dist" / "pte" / "mlp"
+    verbose = _edgeship("-v", "validate", str(folder), logs=logs)
+    assert verbose.returncode == 0 and "cpuinfo" in verbose.stdout + verbose.stderr
+
+    strict = write_target(tmp_path, "strict", PTE_ONLY.replace("min_cosine = 0.9999", "max_abs_error = 0.0"))
+    failed = _edgeship("export", "--target", str(strict), "--model", MLP, "--output", str(tmp_path / "built"), logs=logs)
+    assert failed.returncode == 1
+    (log,) = logs.iterdir()
+    assert f"(the toolchain's own messages: {log}; -v shows them as they come)" in failed.stderr
+    assert "cpuinfo" in log.read_text() and "cpuinfo" not in failed.stderr

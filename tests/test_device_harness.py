@@ -22,9 +22,9 @@ from exporter.sources import load_model
 from exporter.targets import load_target, load_target_file
 from device_tests.loopback import Board, keygen, make_board
 from tests.boards import make_python_env
-from tests.conftest import MLP, write_target
+from tests.conftest import MLP, needs_sshd, write_target
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs openssh-server (make test installs it)")
+pytestmark = needs_sshd
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +357,7 @@ min_token_agreement = 0.5
 def test_a_folder_artifact_is_pushed_as_one_archive_and_skipped_when_intact(lab: dict, tmp_path: Path) -> None:
     """An .mlpackage is a folder: it travels as a tar, is unpacked in place, and the device's digest of
     the unpacked folder equals the manifest's (so the next run skips it)."""
-    from device_tests.harness import push
+    from device_tests.transport import push
     from device_tests.transport import SshDevice
     from exporter import files
 

@@ -152,7 +152,7 @@ def test_deadline_without_coreutils_timeout_kills_the_whole_command_as_on_a_mac(
 def fake_mac(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder: Path):
     """A real sshd on loopback playing the Mac, a fake xcodebuild on it (see the module docstring), an
     ExecuTorch checkout's Benchmark app folder, and the exports to run."""
-    if not Path("/usr/sbin/sshd").exists():
+    if not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"):  # under CI: make_board fails, naming it
         pytest.skip("needs openssh-server (make test installs it)")
     root = tmp_path_factory.mktemp("fake-mac")
     keygen(root / "client_key")

@@ -31,14 +31,22 @@ min_cosine = 0.9999
 """
 
 
-def test_rerun_reuses_unchanged_artifacts(tmp_path: Path) -> None:
+def test_rerun_reuses_unchanged_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.progress import Progress
+
     target = load_target_file(write_target(tmp_path, "two", TWO))
     first = export(target, load_model(MLP), tmp_path / "dist")
-    pte = first.folder / "xnnpack-int8-dynamic.pte"
-    stamp = pte.stat().st_mtime_ns
-    second = export(target, load_model(MLP), tmp_path / "dist")
+    files = [first.folder / r.spec.filename for r in first.results]
+    stamps = [path.stat().st_mtime_ns for path in files]
+    capsys.readouterr()
+    second = export(target, load_model(MLP), tmp_path / "dist", progress=Progress())
+    said = capsys.readouterr().err
     assert [r.record["key"] for r in second.results] == [r.record["key"] for r in first.results]
-    assert pte.stat().st_mtime_ns == stamp  # not rewritten
+    assert [path.stat().st_mtime_ns for path in files] == stamps  # none rewritten
+    assert [r.status for r in second.results] == [r.status for r in first.results] == ["passed", "passed"]
+    for path in files:
+        assert f"{path.name}: unchanged since the last export, reused (passed)" in said
+    assert not [line for line in said.splitlines() if line.endswith(" ...")]  # no stage ran: nothing built or measured
 
 
 def test_an_artifact_another_target_built_is_copied_not_rebuilt(tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ def test_bad_model_sources_say_what_is_wrong(spec: str, message: str) -> None:
 def test_hf_classifier_uses_the_tokenizer_and_marks_logits(bert_classifier: Path) -> None:
     model = load_model(str(bert_classifier), SourceOptions(seq_len=16))
     assert model.source["task"] == "text-classification"
-    assert model.input_names == ("input_ids", "token_type_ids", "attention_mask")
+    # the model's own forward order (the tokenizer returns token_type_ids second): what an app feeds
+    assert model.input_names == ("input_ids", "attention_mask", "token_type_ids")
     assert model.output_names == ("logits",)
     assert model.logits_outputs == {"logits"}
     assert model.padding_mask == "attention_mask"

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import SourceError
 from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
-from .hf import load_weights_checked, model_name, read_config, read_json, weights_fingerprint
+from .checkpoint import load_weights_checked, model_name, read_config, read_json, weights_fingerprint
 
 # model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",

@@ -8,6 +8,7 @@ import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from ..errors import SourceError
 from .base import LoadedModel, SourceOptions, fingerprint, prepare
@@ -61,15 +62,24 @@ def load(spec: str, options: SourceOptions) -> LoadedModel:
             "where sample_inputs is a tuple of tensors or a dict of tensors"
         )
     model, inputs = result
-    flat, names, values, outputs = prepare(model, inputs, what=f"factory '{spec}'")
-    try:
-        code = inspect.getsource(module)
-    except (OSError, TypeError):
-        code = ""
+    return from_module(model, inputs, _model_name(module_part, function_name), {"kind": "factory", "spec": spec},
+                       what=f"factory '{spec}'", identity=spec, code=_source_of(module))
+
+
+def from_module(model: Any, inputs: Any, name: str, source: dict[str, Any], *, what: str, identity: str,
+                code: str) -> LoadedModel:
+    """A model object and its sample inputs (a tuple or a dict of tensors), as every source hands them on.
+    Its fingerprint covers where it came from, its code, weights and inputs: a changed model is never reused."""
+    flat, names, values, outputs = prepare(model, inputs, what=what)
     return LoadedModel(
-        name=_model_name(module_part, function_name),
-        module=flat, input_names=names, output_names=outputs, sample_inputs=values,
-        source={"kind": "factory", "spec": spec},
-        fingerprint=fingerprint(spec, code, tensors={**model.state_dict(), **{f"in:{n}": v for n, v in zip(names, values)}}),
+        name=name, module=flat, input_names=names, output_names=outputs, sample_inputs=values, source=source,
+        fingerprint=fingerprint(identity, code, tensors={**model.state_dict(), **{f"in:{n}": v for n, v in zip(names, values)}}),
         logits_outputs=frozenset(n for n in outputs if "logits" in n),
     )
+
+
+def _source_of(thing: Any) -> str:
+    try:
+        return inspect.getsource(thing)
+    except (OSError, TypeError):
+        return ""

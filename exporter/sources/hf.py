@@ -6,7 +6,7 @@ decoder-only language models go to ``decoder``. The task comes from the config's
 
 from __future__ import annotations
 
-import json
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import SourceError
-from .base import LoadedModel, SourceOptions, file_sha256, fingerprint, prepare
+from .base import LoadedModel, SourceOptions, fingerprint, prepare
+from .checkpoint import load_weights_checked, model_name, read_config, read_json, weights_fingerprint
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -26,30 +27,6 @@ SAMPLE_TEXTS = (
     "Paris is the capital and largest city of France.",
     "Please turn off the lights when you leave the room.",
 )
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def read_json(path: Path, shape: type = dict) -> Any:
-    """A JSON file of the checkpoint, checked to hold a JSON object (or list) before anything reads a key."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise SourceError(f"{path}: not valid JSON ({exc}); the file is cut short or damaged: re-copy or "
-                          "re-save the checkpoint (save_pretrained)") from exc
-    if not isinstance(data, shape):
-        expected = "a JSON object {...}" if shape is dict else "a JSON list [...]"
-        raise SourceError(f"{path}: must hold {expected}, not a {type(data).__name__}; re-copy or re-save the "
-                          "checkpoint (save_pretrained)")
-    return data
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise SourceError(f"{folder}: not a Hugging Face checkpoint folder (no config.json)")
-    return read_json(config_path)
-
-
 def infer_task(config: dict[str, Any], folder: Path) -> str:
     architectures = config.get("architectures") or []
     arch = architectures[0] if architectures else ""
@@ -63,37 +40,6 @@ def infer_task(config: dict[str, Any], folder: Path) -> str:
         f"{folder}: architecture {arch} is not supported; edgeship exports encoders for feature extraction "
         "and sequence classification, and decoder-only causal language models"
     )
-
-
-def weights_fingerprint(folder: Path) -> str:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    return fingerprint(*(f"{p.name}:{file_sha256(p)}" for p in files))
-
-
-def model_name(folder: Path) -> str:
-    """The folder's name, or its parent's when the folder is just called ``model`` (as in pip packages)."""
-    folder = folder.resolve()
-    generic = {"model", "models", "checkpoint", "hf", "weights"}
-    name = folder.parent.name if folder.name.lower() in generic else folder.name
-    return name.replace("_", "-")
-
-
-def load_weights_checked(loader: Any, folder: Path, **kwargs: Any) -> nn.Module:
-    """Call a from_pretrained, turning a truncated or corrupt weights file into a SourceError."""
-    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
-    present += [p.name for p in folder.glob("model-*.safetensors")]
-    if not present and "gguf_file" not in kwargs:
-        raise SourceError(f"{folder}: no weights (expected {' or '.join(WEIGHT_FILES)})")
-    from safetensors import SafetensorError
-
-    try:
-        return loader.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:
-        weights = ", ".join(present) or kwargs.get("gguf_file", "")
-        raise SourceError(
-            f"{folder}: cannot load the weights ({weights}); the file is truncated or corrupt? "
-            f"Re-copy or re-save the checkpoint. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        ) from exc
 
 
 class MeanPooling(nn.Module):
@@ -168,14 +114,21 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
     tokenizer = _tokenizer(folder)
     vocab = int(config.get("vocab_size", 30522))
 
+    # The artifacts take their inputs in the order of the model's own forward (input_ids, attention_mask,
+    # token_type_ids for BERT), which is what an app developer reading the model card feeds; the tokenizer
+    # returns them in another order.
+    forward_order = list(inspect.signature(model.forward).parameters)
+
     def make_inputs(seed: int) -> dict[str, torch.Tensor]:
         if tokenizer is not None:
             texts = [SAMPLE_TEXTS[(seed + i) % len(SAMPLE_TEXTS)] for i in range(options.batch_size)]
             encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-            return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            found = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
+            found = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return {k: found[k] for k in sorted(found, key=lambda k: forward_order.index(k) if k in forward_order else 99)}
 
     wrapped: nn.Module = MeanPooling(model, normalize) if pooling else model
     sample = make_inputs(0)
@@ -186,7 +139,7 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
         source={"kind": "hf-folder", "path": str(folder.resolve()), "task": task,
                 "architecture": (config.get("architectures") or ["?"])[0], "seq_len": seq_len,
                 "tokenizer": tokenizer is not None},
-        fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size)),
+        fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size), ",".join(names)),
         logits_outputs=frozenset(n for n in outputs if n == "logits"),
         padding_mask="attention_mask" if "attention_mask" in names else None,
         make_inputs=lambda seed: tuple(make_inputs(seed).values()),
