@@ -177,7 +177,7 @@ emulated = true
 
 
 def stop(folder: Path) -> None:
-    """End the sshds ``serve`` started in ``folder`` and every session under them."""
+    """End the sshds ``serve`` started in ``folder`` and every login and command under them."""
     from .loopback import descendants
 
     for pid_file in folder.glob("sshd-*/sshd.pid"):

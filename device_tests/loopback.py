@@ -71,7 +71,7 @@ LogLevel ERROR
         raise RuntimeError(f"sshd for {self.name} did not start")
 
     def stop(self) -> None:
-        """Kill the board's sshd and every session and command under it (a board losing power)."""
+        """Kill the board's sshd and every login and command under it (a board losing power)."""
         if self.process is not None:
             for pid in [*descendants(self.process.pid), self.process.pid]:
                 try:
@@ -83,7 +83,7 @@ LogLevel ERROR
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (sshd puts each session in a session of its own, so killpg misses them)."""
+    """Every process below ``pid`` (sshd gives each login a process group of its own, so killpg misses them)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
