@@ -141,7 +141,7 @@ def serve(folder: Path, runtimes: tuple[str, ...] = tuple(RUNTIME_WHEELS)) -> Pa
     with pinned host keys, marked emulated."""
     import getpass
 
-    from .loopback import Board, free_port, keygen
+    from .loopback import keygen, make_board
 
     stop(folder)
     client_key = folder / "client_key"
@@ -152,14 +152,11 @@ def serve(folder: Path, runtimes: tuple[str, ...] = tuple(RUNTIME_WHEELS)) -> Pa
         python = build(folder, runtime)
         home = folder / f"sshd-{runtime}"
         shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(parents=True)
-        keygen(home / "host_ed25519")
-        (home / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
-        board = Board(f"arm64-{runtime}", home, free_port(), str(python), client_key).start()
+        board = make_board(folder, home.name, str(python), client_key)
         fingerprint = subprocess.run(["ssh-keygen", "-lf", str(home / "host_ed25519.pub")], capture_output=True,
                                      text=True, check=True).stdout.split()[1]
         tables.append(f"""[[device]]
-name = "{board.name}"
+name = "arm64-{runtime}"
 transport = "ssh"
 host = "127.0.0.1"
 port = {board.port}
@@ -167,7 +164,7 @@ user = "{getpass.getuser()}"
 key = "{client_key}"
 host_key = "{fingerprint}"
 python = "{python}"
-workdir = "{folder / 'work' / board.name}"
+workdir = "{folder / 'work' / f'arm64-{runtime}'}"
 emulated = true
 """)
     inventory = folder / "devices.toml"

@@ -19,6 +19,7 @@ from typing import Any
 
 from exporter import files, manifest
 from exporter.errors import DeviceError
+from exporter.runtimes import runner_job
 
 from . import runner as runner_module
 from .inventory import DeviceSpec
@@ -144,13 +145,8 @@ def _run_board(device: SshDevice, spec: DeviceSpec, export_folder: Path, data: d
     device.run(f"mkdir -p {q(job_dir)}")
     for name, sha in to_push.items():  # the job sees the artifacts under their own names
         device.run(f"ln -sf {q(remote_path(spec, 'cache', sha + Path(name).suffix))} {q(job_dir + '/' + name)}")
-    model = data["model"]
-    job = {"workdir": job_dir, "kind": data["golden"].get("kind", "tensors"),
-           "inputs": [i["name"] for i in model["inputs"]], "outputs": model["outputs"],
-           "logits_outputs": model.get("logits_outputs", []), "padding_mask": model.get("padding_mask"), "golden_sets": data["golden"]["sets"],
-           "iterations": settings.iterations, "warmup": settings.warmup, "time_budget_s": settings.time_budget_s,
-           "artifacts": [{"name": r["name"], "file": r["file"], "format": r["format"],
-                          "thresholds": r.get("thresholds", {})} for r in artifacts]}
+    job = runner_job(data["model"], data["golden"], artifacts, job_dir, iterations=settings.iterations,
+                     warmup=settings.warmup, time_budget_s=settings.time_budget_s)
     job_file = run_folder / f"{spec.name}.job.json"
     job_file.write_text(json.dumps(job))
     device.put(job_file, job_dir + "/job.json")
