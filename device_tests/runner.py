@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "4"
+RUNNER_VERSION = "5"
 
 
 def _import(name):
@@ -75,14 +75,22 @@ def sha256(path):
     return digest.hexdigest()
 
 
+def signature_order(interpreter, details, kind):
+    """Signature tensor names in the model's own order. The signature lists them by name; the graph's
+    input and output tensors are in the order the model takes and returns them."""
+    graph = interpreter.get_input_details() if kind == "inputs" else interpreter.get_output_details()
+    position = {t["index"]: i for i, t in enumerate(graph)}
+    return sorted(details, key=lambda name: position.get(details[name]["index"], len(position)))
+
+
 def tflite_runner(path):
     module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
     interpreter = module.Interpreter(model_path=path)
     interpreter.allocate_tensors()
     runner = interpreter.get_signature_runner()
     inputs = runner.get_input_details()
-    names = sorted(inputs, key=lambda k: int("".join(c for c in k if c.isdigit()) or 0))
-    outputs = sorted(runner.get_output_details(), key=lambda k: int("".join(c for c in k if c.isdigit()) or 0))
+    names = signature_order(interpreter, inputs, "inputs")
+    outputs = signature_order(interpreter, runner.get_output_details(), "outputs")
 
     def run(values):
         result = runner(**{n: v.astype(inputs[n]["dtype"]) for n, v in zip(names, values)})

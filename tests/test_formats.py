@@ -150,8 +150,37 @@ def test_manifest_records_signature_checksum_and_toolchain(everything: dict) -> 
     assert manifest["toolchain"]["executorch"] == "1.5.1"
     assert manifest["golden"]["sets"] == 4
     record = everything["by_name"]["litert-int8-dynamic"]
-    assert record["signature"]["inputs"] == [{"name": "args_0", "dtype": "float32", "shape": [4, 64]}]
+    assert record["signature"]["inputs"] == [{"name": "input_0", "dtype": "float32", "shape": [4, 64]}]
+    assert [o["name"] for o in record["signature"]["outputs"]] == ["output"]
     assert len(record["sha256"]) == 64 and record["size"] > 0
+
+
+def test_artifacts_name_their_tensors_after_the_model_in_its_order(tmp_path: Path) -> None:
+    """An app feeds a .tflite's signature and a Core ML package's features by the model's own names;
+    the classifier's names (tokens, scale -> logits, hidden) are not in alphabetical order."""
+    target = load_target_file(write_target(tmp_path, "t", """
+[[artifact]]
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_cosine = 0.9999
+[[artifact]]
+format = "mlpackage"
+quant = "fp32"
+[artifact.parity]
+min_cosine = 0.99
+"""))
+    summary = export(target, load_model("tests.models:build_classifier"), tmp_path / "dist")
+    for result in summary.results:
+        signature = result.record["signature"]
+        assert [i["name"] for i in signature["inputs"]] == ["tokens", "scale"], result.spec.name
+        assert [o["name"] for o in signature["outputs"]] == ["logits", "hidden"], result.spec.name
+    folder = summary.folder
+    golden = np.load(folder / "golden.npz")
+    logits, hidden = format_module("tflite").load(folder / "litert-fp32.tflite")(
+        [golden["set1.input.tokens"], golden["set1.input.scale"]])
+    assert np.allclose(logits, golden["set1.output.logits"], atol=1e-4)
+    assert np.allclose(hidden, golden["set1.output.hidden"], atol=1e-4)
 
 
 def test_golden_outputs_replay_on_the_artifact(everything: dict) -> None:

@@ -70,9 +70,28 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
     assert program is not None  # the pipeline traces once for every non-language model
     plan = plan_layers(model.module, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
     mlmodel, layers = _compress(convert(program, spec), plan, spec)
-    _save(mlmodel, spec, destination)
+    _save(_named_features(mlmodel, model.input_names, model.output_names), spec, destination)
     return Built(layers=layers, details={"deployment_target": spec.deployment_target,
                                          "compute_precision": spec.compute_precision})
+
+
+def _named_features(mlmodel: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+    """The package's features named after the model's inputs and outputs (the converter names them after
+    the traced graph's nodes, ``x`` or ``linear_3``), so an app feeds them by the names it knows."""
+    import coremltools as ct
+
+    spec = mlmodel.get_spec()
+    current = [f.name for f in spec.description.input], [f.name for f in spec.description.output]
+    wanted = list(inputs), list(outputs)
+    if [len(c) for c in current] != [len(w) for w in wanted] or len(set(wanted[0] + wanted[1])) != len(wanted[0] + wanted[1]):
+        return mlmodel
+    # through placeholder names, so that swapping two names never meets a name still in use
+    placeholders = [[f"edgeship_{kind}_{i}" for i in range(len(names))] for kind, names in enumerate(current)]
+    for olds, news in ((current, placeholders), (placeholders, wanted)):
+        for kind in (0, 1):
+            for old, new in zip(olds[kind], news[kind]):
+                ct.utils.rename_feature(spec, old, new, rename_inputs=kind == 0, rename_outputs=kind == 1)
+    return ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
 
 
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:

@@ -72,12 +72,26 @@ def match_layers(ops: list[dict[str, Any]], layers: dict[str, np.ndarray]) -> di
     return matched
 
 
+class _Named(torch.nn.Module):
+    """The model with keyword inputs and a dict of outputs, so litert-torch names the signature's tensors
+    after the model's own inputs and outputs (it names positional ones ``args_0``, ``output_0``)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__()
+        self.module, self.input_names, self.output_names = model.module, model.input_names, model.output_names
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.module(*(inputs[name] for name in self.input_names))
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return dict(zip(self.output_names, outputs))
+
+
 def float_flatbuffer(model: LoadedModel, spec: ArtifactSpec) -> bytes:
     if model.fingerprint not in _float_cache:
         import litert_torch
 
         try:
-            converted = litert_torch.convert(model.module, model.sample_inputs)
+            converted = litert_torch.convert(_Named(model), (), dict(zip(model.input_names, model.sample_inputs)))
         except Exception as exc:
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ConversionError(spec.filename, f"litert-torch could not convert the model: {text}") from exc
@@ -179,24 +193,10 @@ def quantised_scopes(flatbuffer: bytes) -> set[str]:
             if op["op_name"] == "FULLY_CONNECTED" and stored_as_integers(int(op["inputs"][1]))}
 
 
-def _position(name: str) -> int:
-    """litert-torch names signature tensors args_0, args_1, ... / output_0, ...: order them by number."""
-    return int(re.sub(r"\D", "", name) or 0)
-
-
 def load(path: Path, backend: str = "litert") -> Runner:
-    interpreter = _interpreter(path=path)
-    runner = interpreter.get_signature_runner()
-    inputs = runner.get_input_details()
-    order = sorted(inputs, key=_position)
-    outputs = sorted(runner.get_output_details(), key=_position)
+    from device_tests.runner import tflite_runner  # what a device runs, so host and device feed alike
 
-    def run(values: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {name: np.asarray(v).astype(inputs[name]["dtype"]) for name, v in zip(order, values)}
-        result = runner(**feed)
-        return [np.asarray(result[name]) for name in outputs]
-
-    return run
+    return tflite_runner(str(path))
 
 
 def inspect(path: Path) -> Signature:
@@ -205,12 +205,14 @@ def inspect(path: Path) -> Signature:
     names = list(interpreter.get_signature_list())
     runner = interpreter.get_signature_runner("decode" if "decode" in names and len(names) > 1 else names[0])
 
-    def specs(details: dict[str, Any]) -> tuple[TensorSpec, ...]:
-        ordered = sorted(details, key=_position)
+    from device_tests.runner import signature_order
+
+    def specs(details: dict[str, Any], kind: str) -> tuple[TensorSpec, ...]:
+        ordered = signature_order(interpreter, details, kind)
         return tuple(TensorSpec(k, np.dtype(details[k]["dtype"]).name, tuple(int(s) for s in details[k]["shape"]))
                      for k in ordered)
 
-    return Signature(specs(runner.get_input_details()), specs(runner.get_output_details()))
+    return Signature(specs(runner.get_input_details(), "inputs"), specs(runner.get_output_details(), "outputs"))
 
 
 # --- language models -------------------------------------------------------------------------------
