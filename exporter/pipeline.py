@@ -257,7 +257,10 @@ def _build_one(
                 "float_layers": sum(not d["quantised"] for d in layers), "layers": layers,
             }
             record["details"] = built.details
-            record["signature"] = fmt.inspect(staged).as_dict()
+            signature = fmt.inspect(staged)
+            if spec.format.value == "pte" and model.language is None:  # positional: the model's own order
+                signature = signature.named(model.input_names, model.output_names)
+            record["signature"] = signature.as_dict()
             with progress.stage(f"{spec.filename}: parity against the eager model"):
                 if isinstance(golden, lm_parity.Reference):
                     metrics = _measure_language_model(fmt, spec, staged, golden, model, record, folder)

@@ -156,9 +156,15 @@ def test_manifest_records_signature_checksum_and_toolchain(everything: dict) -> 
 
 
 def test_artifacts_name_their_tensors_after_the_model_in_its_order(tmp_path: Path) -> None:
-    """An app feeds a .tflite's signature and a Core ML package's features by the model's own names;
+    """An app feeds a .tflite's signature and a Core ML package's features by the model's own names, and
+    a .pte's positional method in the model's order, which its manifest describes with those names;
     the classifier's names (tokens, scale -> logits, hidden) are not in alphabetical order."""
     target = load_target_file(write_target(tmp_path, "t", """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_cosine = 0.9999
 [[artifact]]
 format = "tflite"
 quant = "fp32"
@@ -181,6 +187,9 @@ min_cosine = 0.99
         [golden["set1.input.tokens"], golden["set1.input.scale"]])
     assert np.allclose(logits, golden["set1.output.logits"], atol=1e-4)
     assert np.allclose(hidden, golden["set1.output.hidden"], atol=1e-4)
+    logits, hidden = format_module("pte").load(folder / "xnnpack-fp32.pte")(
+        [golden["set1.input.tokens"], golden["set1.input.scale"]])
+    assert np.allclose(logits, golden["set1.output.logits"], atol=1e-4)
 
 
 def test_golden_outputs_replay_on_the_artifact(everything: dict) -> None:

@@ -9,7 +9,8 @@ Each format module exposes:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -59,3 +60,10 @@ class Signature:
 
     def as_dict(self) -> dict[str, Any]:
         return {"inputs": [t.as_dict() for t in self.inputs], "outputs": [t.as_dict() for t in self.outputs]}
+
+    def named(self, inputs: Sequence[str], outputs: Sequence[str]) -> Signature:
+        """A positional signature (a .pte method's) described with the model's names, which it takes in order."""
+        if (len(inputs), len(outputs)) != (len(self.inputs), len(self.outputs)):
+            return self
+        return Signature(tuple(replace(t, name=n) for t, n in zip(self.inputs, inputs)),
+                         tuple(replace(t, name=n) for t, n in zip(self.outputs, outputs)))
