@@ -11,7 +11,9 @@ Body formulations (every Q4_1 linear; SmoothQuant alpha 0.5 as the android targe
 - ``augmented-D``: one 4-bit matmul on [x, c * block means of x]; the offsets become D int4 digits.
 lm_head: ``int8`` per channel, ``int4`` blocks of 32, ``two-stage-K``: an int4 scan picks K candidates
 whose exact int8 rows rescore them, or ``split-N``: the first N rows (a BPE vocabulary's earliest merges,
-its most frequent tokens) int8 per channel, the others int4 blocks of 32.
+its most frequent tokens) int8 per channel, the others int4 blocks of 32; a ``gptq-`` prefix (``gptq-int4``,
+``gptq-split-N``) fits the int4 rows with GPTQ's error compensation on the lm_head's inputs from the
+calibration text and text the model samples itself (never the evaluation texts).
 """
 
 from __future__ import annotations
@@ -90,6 +92,42 @@ class Carried(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def gptq_blocks(weight: torch.Tensor, inputs: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """Symmetric int4 blocks of 32 chosen column by column, each column's rounding error pushed onto the
+    columns not yet rounded through the inverse Hessian of the inputs (GPTQ), so the layer's outputs on
+    ``inputs`` move as little as possible; each block's scale is taken when its first column is reached."""
+    work = weight.double().clone()
+    x = inputs.reshape(-1, inputs.shape[-1]).double()
+    hessian = x.T @ x / len(x)
+    hessian += damping * hessian.diagonal().mean() * torch.eye(len(hessian), dtype=hessian.dtype)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    result = torch.empty_like(work)
+    for start in range(0, work.shape[1], GROUP):
+        scale = bf16(work[:, start:start + GROUP].abs().amax(1).float() / 7.5).double().clamp(min=1e-12)
+        for column in range(start, start + GROUP):
+            rounded = torch.clamp(torch.round(work[:, column] / scale), -8, 7) * scale
+            result[:, column] = rounded
+            error = (work[:, column] - rounded) / upper[column, column]
+            work[:, column + 1:] -= error[:, None] * upper[column, column + 1:][None, :]
+    return result.float()
+
+
+def head_inputs(model: nn.Module, tokenizer: object, samples: int = 6, length: int = 320) -> torch.Tensor:
+    """What reaches the lm_head on the calibration text and on text the model samples from a few openings."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0][0].detach()))
+    openings = ["Once upon a time", "def main():", "The weather today", "1. Buy milk\n2.", "Dear team,", "Question:"]
+    with torch.no_grad():
+        model(torch.tensor([tokenizer(calibration_text())["input_ids"][:1024]]))
+        torch.manual_seed(0)
+        for opening in openings[:samples]:
+            ids = torch.tensor([tokenizer(opening)["input_ids"]])
+            out = model.generate(ids, do_sample=True, temperature=1.0, max_new_tokens=length, min_new_tokens=length)
+            model(out)
+    handle.remove()
+    return torch.cat(seen)
+
+
 class Simple(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -128,6 +166,9 @@ def main(path: Path) -> None:
     factors = {name: mean_factor(x) for name, x in inputs.items()}
     print("mean factors c:", sorted(set(factors.values())), flush=True)
     originals = {n: model.get_submodule(n) for n in list(blocks) + ["lm_head"]}
+    calibration = head_inputs(model, tokenizer) if any("gptq" in a for a in sys.argv[1:]) else None
+    if calibration is not None:
+        print(f"lm_head calibration: {len(calibration)} tokens", flush=True)
 
     def swap(name: str, module: nn.Module) -> None:
         parent, _, attribute = name.rpartition(".")
@@ -141,10 +182,16 @@ def main(path: Path) -> None:
             else:
                 swap(name, Carried(b, linear.bias, body, factors[name]))
         weight = originals["lm_head"].weight.detach()
-        first = int(lm_head.split("-")[1]) if lm_head.startswith("split-") else 0
+        fitted = lm_head.startswith("gptq-")
+        shape = lm_head.removeprefix("gptq-")
+        first = int(shape.split("-")[1]) if shape.startswith("split-") else 0
+
+        def four_bit(rows: torch.Tensor) -> torch.Tensor:
+            return gptq_blocks(rows, calibration) if fitted else symmetric_blocks(rows)
+
         swap("lm_head", Simple(per_channel_int8(weight), None) if lm_head == "int8" else
-             Simple(torch.cat([per_channel_int8(weight[:first]), symmetric_blocks(weight[first:])]), None) if first else
-             Simple(symmetric_blocks(weight), None) if lm_head == "int4" else
+             Simple(torch.cat([per_channel_int8(weight[:first]), four_bit(weight[first:])]), None) if first else
+             Simple(four_bit(weight), None) if shape == "int4" else
              TwoStageHead(weight, int(lm_head.split("-")[-1])))
         hits, kls, total = 0, [], 0
         with torch.no_grad():
