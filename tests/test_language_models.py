@@ -151,6 +151,19 @@ def test_bundle_is_app_ready(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
     assert companion["file"] == "litert-fp32.litertlm" and len(companion["sha256"]) == 64
 
 
+def test_a_tflite_recipe_litert_has_no_decoder_for_fails_that_artifact_only(tiny_lms: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """litert-torch's export starts ahead of the others; a recipe it cannot take is that artifact's error,
+    not the end of the export."""
+    target = load_target_file(write_target(tmp_path, "per-tensor", FLOAT_BOTH.replace(
+        'format = "tflite"\nquant = "fp32"', 'format = "tflite"\nquant = "int8-dynamic-tensor"')))
+    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
+    statuses = {r.spec.format.value: r for r in summary.results}
+    assert statuses["pte"].status == "passed"
+    assert statuses["tflite"].status == "error"
+    assert "litert-torch's LLM exporter has no recipe for int8-dynamic-tensor" in statuses["tflite"].record["error"]
+
+
 def test_folder_without_tokenizer_is_refused(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
     bare = tmp_path / "bare"
     shutil.copytree(tiny_lms["llama"], bare)

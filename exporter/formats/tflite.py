@@ -350,6 +350,10 @@ def start_decoder(model: LoadedModel, spec: ArtifactSpec, folder: Path) -> None:
     second core while this process builds the other artifacts; build_decoder collects it."""
     if model.language.architecture not in LITERT_LM_ARCHITECTURES:
         return  # build_decoder reports why
+    try:
+        _recipe(spec)
+    except ConversionError:
+        return  # build_decoder reports it as this artifact's error; the others still build
     if (model.fingerprint, spec.filename) not in _started:
         work = Path(tempfile.mkdtemp(prefix=".staging-litert-", dir=folder))  # removed by the next run if killed
         _started[(model.fingerprint, spec.filename)] = _launch(model, spec, work)
