@@ -33,6 +33,8 @@ BACKENDS: dict[Format, tuple[str, ...]] = {
     Format.MLPACKAGE: ("mlprogram",),
     Format.TFLITE: ("litert",),
 }
+# A tensor model (a module and its sample inputs, an encoder) or a language model (a decoder with a KV cache).
+MODEL_KINDS = ("tensor", "language")
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
 PRECISIONS = ("fp32", "fp16")
 # Options only some formats understand; any other use is an error, not a warning.
@@ -77,6 +79,11 @@ class ArtifactSpec:
     requantise: str | None = None
     # The target's runtimes that run this format (exporter.runtimes): the artifact passes only on all of them.
     runtimes: tuple[str, ...] = ()
+    # Kinds of model the artifact is built for ("tensor", "language"); an export of another kind leaves it out.
+    models: tuple[str, ...] = MODEL_KINDS
+
+    def builds_for(self, kind: str) -> bool:
+        return kind in self.models
 
     @property
     def filename(self) -> str:
@@ -106,7 +113,7 @@ _TOP_KEYS = {"description": str, "runtimes": list, "artifact": list}
 _ARTIFACT_KEYS = {
     "name": str, "format": str, "backend": str, "quant": str, "group_size": int,
     "compute_precision": str, "deployment_target": str, "skip_layers": list, "parity": dict,
-    "embedding_quant": str, "smoothing": float, "lm_head_quant": str, "requantise": str,
+    "embedding_quant": str, "smoothing": float, "lm_head_quant": str, "requantise": str, "models": list,
 }
 _PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
 _EMBEDDING_QUANTS = ("int8", "tied")
@@ -214,12 +221,18 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
             raise TargetError(f"{where} ({name}): skip_layers pattern '{pattern}' is not a regular expression ({exc}); "
                               "patterns are matched against whole layer names (e.g. 'lm_head'); "
                               "escape a literal '(', '[' or '.' with a backslash") from exc
+    models = raw.get("models", list(MODEL_KINDS))
+    if not models or not all(isinstance(k, str) for k in models) or len(set(models)) != len(models):
+        raise TargetError(f"{where} ({name}): models must list each kind of model once, from {', '.join(MODEL_KINDS)}")
+    for kind in models:
+        _choice(kind, MODEL_KINDS, f"{where} ({name})", "models entry")
     return ArtifactSpec(
         name=name, format=fmt, backend=backend, quant=quant, group_size=group_size,
         compute_precision=precision, deployment_target=deployment, skip_layers=tuple(skip_layers),
         parity=Parity(**{k: float(v) for k, v in parity_raw.items()}), embedding_quant=embedding_quant,
         smoothing=float(smoothing) if smoothing is not None else None,
         lm_head_quant=raw.get("lm_head_quant"), requantise=raw.get("requantise"),
+        models=tuple(k for k in MODEL_KINDS if k in models),
     )
 
 

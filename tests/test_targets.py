@@ -31,12 +31,29 @@ LANGUAGE_MODEL_THRESHOLDS = {"min_token_agreement", "max_mean_kl", "min_greedy_m
 
 
 @pytest.mark.parametrize("path", sorted(TARGETS_DIR.glob("*.toml")), ids=lambda p: p.stem)
-def test_every_shipped_artifact_can_judge_every_kind_of_model(path: Path) -> None:
-    """Every format builds both tensor models and language models, so each artifact needs a threshold for each."""
+def test_every_shipped_artifact_can_judge_every_kind_of_model_it_is_built_for(path: Path) -> None:
+    """An artifact is built for both kinds of model unless its `models` says otherwise, and needs a
+    threshold for each kind it is built for."""
     for spec in load_target_file(path).artifacts:
         thresholds = {k for k, v in vars(spec.parity).items() if v is not None}
-        assert thresholds & TENSOR_THRESHOLDS, f"{path.name}: {spec.name} cannot judge a tensor model"
-        assert thresholds & LANGUAGE_MODEL_THRESHOLDS, f"{path.name}: {spec.name} cannot judge a language model"
+        if spec.builds_for("tensor"):
+            assert thresholds & TENSOR_THRESHOLDS, f"{path.name}: {spec.name} cannot judge a tensor model"
+        if spec.builds_for("language"):
+            assert thresholds & LANGUAGE_MODEL_THRESHOLDS, f"{path.name}: {spec.name} cannot judge a language model"
+
+
+def test_an_artifact_can_be_built_for_one_kind_of_model_only(tmp_path: Path) -> None:
+    body = '[[artifact]]\nformat = "tflite"\nquant = "fp32"\nmodels = [%s]\n[artifact.parity]\nmin_cosine = 0.99\n'
+    spec = load_target_file(write_target(tmp_path, "one", body % '"tensor"')).artifacts[0]
+    assert spec.builds_for("tensor") and not spec.builds_for("language")
+    assert load_target_file(write_target(tmp_path, "both", body.replace("models = [%s]\n", ""))).artifacts[0].models == (
+        "tensor", "language")
+    for bad, message in (('"text"', "models entry 'text' is not one of tensor, language"),
+                         ("", "models must list each kind of model once"),
+                         ('"tensor", "tensor"', "models must list each kind of model once"),
+                         ("1", "models must list each kind of model once")):
+        with pytest.raises(TargetError, match=message):
+            load_target_file(write_target(tmp_path, "bad", body % bad))
 
 
 def test_the_required_targets_ship() -> None:
