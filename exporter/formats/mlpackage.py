@@ -27,12 +27,24 @@ def _mil_name(torch_name: str) -> str:
     return "p_" + torch_name.replace(".", "_") + "_weight"
 
 
+def _decompositions() -> dict[Any, Any]:
+    """Ops coremltools' torch.export frontend has no converter for, written as ones it has
+    (transformers' encoders build their attention masks with ``new_ones`` and ``&``)."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    table = get_decompositions([aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty])
+    table[aten.__and__.Tensor] = lambda a, b: aten.bitwise_and.Tensor(a, b)
+    table[aten.__or__.Tensor] = lambda a, b: aten.bitwise_or.Tensor(a, b)
+    return table
+
+
 def convert(program: torch.export.ExportedProgram, spec: ArtifactSpec) -> Any:
     import coremltools as ct
 
     try:
         return ct.convert(
-            program.run_decompositions({}),
+            program.run_decompositions(_decompositions()),
             minimum_deployment_target=getattr(ct.target, spec.deployment_target or "iOS17"),
             compute_precision=ct.precision.FLOAT16 if spec.compute_precision == "fp16" else ct.precision.FLOAT32,
             skip_model_load=True,
