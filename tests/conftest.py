@@ -137,6 +137,31 @@ def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path) -> Pat
     return folder
 
 
+def make_trained_tiny_lm(folder: Path, tokenizer_folder: Path, steps: int = 30) -> Path:
+    """A tiny Llama trained until it knows the evaluation texts (about 10 s). The shipped targets' thresholds
+    assume a trained model's confident predictions; a random one's near-tied logits flip under any rounding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter import lm_parity
+
+    make_tiny_lm(folder, "llama", tokenizer_folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    length = 128
+    texts = lm_parity.eval_texts(tokenizer, tokenizer.chat_template, length).values()
+    batch = torch.tensor([ids + [tokenizer.eos_token_id] * (length - len(ids)) for ids in texts])
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(steps):
+        loss = model(batch, labels=batch).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval().save_pretrained(folder)
+    return folder
+
+
 def export_tiny_lm_pte(root: Path, tokenizer_folder: Path) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer, exported to an fp32 .pte (greedy answers exact): the
     language-model export the fake-device tests run."""
