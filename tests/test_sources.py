@@ -76,6 +76,22 @@ def test_sentence_transformers_folder_exports_pooled_embeddings(bert_sentence: P
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(1), atol=1e-5)  # the Normalize module
 
 
+def test_an_encoders_padding_mask_is_broadcast_not_indexed(bert_classifier: Path) -> None:
+    """Indexing the bool mask per position becomes a GATHER_ND that older TFLite runtimes lack; the
+    broadcast mask computes the same outputs, padded positions included."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_model(str(bert_classifier), SourceOptions(seq_len=16))
+    ids, mask, types = (t.clone() for t in model.sample_inputs)
+    mask[:, 5:] = 0
+    want = AutoModelForSequenceClassification.from_pretrained(str(bert_classifier)).eval()(
+        input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert torch.allclose(model.module(ids, mask, types)[0], want, atol=1e-6)
+    program = torch.export.export(model.module, model.sample_inputs)
+    indexed = [n for n in program.graph.nodes if n.op == "call_function" and "index" in str(n.target)]
+    assert not indexed, indexed
+
+
 def test_truncated_weights_are_reported_as_corrupt(bert_classifier: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(bert_classifier, broken)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SourceError
-from .base import LoadedModel, SourceOptions, fingerprint, prepare
+from .base import LoadedModel, SourceOptions, fingerprint, flatten_outputs, prepare
 from .checkpoint import load_weights_checked, model_name, read_config, read_json, weights_fingerprint
 
 SAMPLE_TEXTS = (
@@ -57,6 +57,38 @@ class MeanPooling(nn.Module):
         if self.normalize:
             pooled = nn.functional.normalize(pooled, p=2, dim=1)
         return {"last_hidden_state": hidden, "sentence_embedding": pooled}
+
+
+class BroadcastPaddingMask(nn.Module):
+    """The encoder given its padding mask as the (batch, 1, 1, keys) bool mask it would build itself.
+    transformers builds it by indexing the 2D mask at every position, which LiteRT writes as a bool
+    GATHER_ND (version 5) that tflite-runtime 2.14 lacks; broadcasting gives the same mask without it."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> Any:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask[:, None, None, :].bool(), **extra)
+
+
+def _with_broadcast_mask(model: nn.Module, sample: dict[str, torch.Tensor]) -> nn.Module:
+    """BroadcastPaddingMask(model) where the model takes such a mask and computes exactly what it computes
+    with the 2D one (checked on the sample with its second half padded); otherwise the model as it is."""
+    if "attention_mask" not in sample:
+        return model
+    padded = dict(sample, attention_mask=sample["attention_mask"].clone())
+    padded["attention_mask"][:, padded["attention_mask"].shape[1] // 2:] = 0
+    wrapped = BroadcastPaddingMask(model)
+    try:
+        with torch.no_grad():
+            want = flatten_outputs(model(**padded))
+            got = flatten_outputs(wrapped(**padded))
+    except Exception:  # a family that builds its mask another way
+        return model
+    same = want.keys() == got.keys() and all(
+        want[k].shape == got[k].shape and torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    return wrapped if same else model
 
 
 def _sentence_pooling(folder: Path) -> tuple[bool, bool]:
@@ -130,8 +162,9 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
             found = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return {k: found[k] for k in sorted(found, key=lambda k: forward_order.index(k) if k in forward_order else 99)}
 
-    wrapped: nn.Module = MeanPooling(model, normalize) if pooling else model
     sample = make_inputs(0)
+    encoder = _with_broadcast_mask(model, sample)
+    wrapped: nn.Module = MeanPooling(encoder, normalize) if pooling else encoder
     flat, names, values, outputs = prepare(wrapped, sample, what=str(folder))
     return LoadedModel(
         name=model_name(folder),
