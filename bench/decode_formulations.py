@@ -8,7 +8,7 @@ carrying a GGUF's Q4_1 blocks exactly? Random weights of the real shapes (576 hi
 A variant is BODY/FUSION/HEAD:
 - BODY ``int8``: int8 per-channel linears (the android target); ``8da4w``: symmetric int4 blocks of 32 (what
   other exporters ship); ``carried``: Q4_1 blocks as 4-bit matmul + block sums + float offsets per linear
-  (the android-q4 target); ``augmented``: one 4-bit matmul on [x, c * block means of x] whose extra
+  (the android target); ``augmented``: one 4-bit matmul on [x, c * block means of x] whose extra
   columns hold the offsets as two int4 digits;
 - FUSION ``none``, ``qkv`` (q/k/v one matmul) or ``all`` (q/k/v and gate/up);
 - HEAD ``int8``, ``int4`` or ``2stage`` (a 4-bit scan, topk 64 candidates rescored with their int8 rows).

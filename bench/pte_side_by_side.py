@@ -1,6 +1,6 @@
 """Language-model .pte files of several export folders in ExecuTorch's own TextLLMRunner, side by side:
 each run in a fresh process, the programs alternating round-robin, medians reported. For comparing
-targets (android against android-q4) and the optimum-executorch anchor in one run, which ``make bench``
+targets (android-int8 against android) and the optimum-executorch anchor in one run, which ``make bench``
 (one export folder) cannot. Usage:
 
     .venv/bin/python bench/pte_side_by_side.py ROUNDS PROGRAM.pte [PROGRAM.pte ...]

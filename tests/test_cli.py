@@ -51,7 +51,7 @@ def test_targets_lists_every_target_with_its_artifacts() -> None:
 
 def test_unknown_target() -> None:
     assert_user_error(run_cli("export", "--target", "andriod", "--model", MLP),
-                      "unknown target 'andriod' (did you mean 'android'?)", "known targets: android, android-q4, ios")
+                      "unknown target 'andriod' (did you mean 'android'?)", "known targets: android, android-int8, ios")
 
 
 def test_missing_model_path(tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def test_per_channel_schemes_quantise_every_linear(everything: dict) -> None:
 
 
 def test_a_model_without_gguf_blocks_gets_the_requantise_scheme(everything: dict) -> None:
-    # android-q4's recipe: 4-bit only where a GGUF's blocks are carried, every other linear requantise's int8
+    # android's recipe: 4-bit only where a GGUF's blocks are carried, every other linear requantise's int8
     carried_recipe = everything["by_name"]["xnnpack-carried-recipe"]
     plain_int8 = everything["by_name"]["xnnpack-int8-dynamic"]
     assert carried_recipe["quantisation"]["layers"] == plain_int8["quantisation"]["layers"]

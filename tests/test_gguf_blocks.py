@@ -97,7 +97,7 @@ def test_carried_linears_on_one_input_are_one_delegate_close_to_the_exact_weight
     assert eager.shape == (1, 5, 64) and means._input is None  # nothing held once both readers had it
     assert float((eager - exact).abs().max()) < 0.02 * float(exact.abs().max())  # int8 activations, bf16 scales
 
-    spec = next(a for a in load_target("android-q4").artifacts if a.format == "pte")
+    spec = next(a for a in load_target("android").artifacts if a.format == "pte")
     dynamic = {0: None, 1: torch.export.Dim("t", min=1, max=64), 2: None}
     program = torch.export.export(layer, (x,), dynamic_shapes=(dynamic,), strict=False)
     assert sum(n.target == torch.ops.aten.cat.default for n in program.graph.nodes) == 1  # means appended once
@@ -159,7 +159,7 @@ def test_a_hf_folder_saved_from_a_q4_1_gguf_gets_the_carried_artifact(tiny_gguf:
     folder = tmp_path / "hf"
     language.causal_lm.save_pretrained(folder)  # fp32, as a user saves a GGUF-loaded model
     language.tokenizer.save_pretrained(folder)
-    target = load_target("android-q4")
+    target = load_target("android")
     summary = export(target, load_model(str(folder), SourceOptions(context_len=64)), tmp_path / "dist", only=("pte",))
     record = summary.results[0].record
     assert record["details"]["carried_gguf_blocks"] == 2 * 7
