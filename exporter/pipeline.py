@@ -77,15 +77,14 @@ def export(
     one after the other, 3.77 instead of 3.50 GiB for all processes: docs/measurements.md "Export time and memory")."""
     progress = progress or Progress(quiet=True)
     folder = output_root / target.name / model.name
-    kind = "language" if model.language is not None else "tensor"
     specs = [s for s in target.artifacts if not only or s.format.value in only or s.name in only]
     if not specs:
         raise ExportError(f"--only {','.join(only)} matches no artifact of target {target.name} "
                           f"({', '.join(s.filename for s in target.artifacts)})")
-    left_out = [s for s in specs if not s.builds_for(kind)]
-    specs = [s for s in specs if s.builds_for(kind)]
+    left_out = [s for s in specs if not s.builds_for(model.kind)]
+    specs = [s for s in specs if s.builds_for(model.kind)]
     if not specs:
-        raise ExportError(f"target {target.name} builds no artifact for {kind} models: "
+        raise ExportError(f"target {target.name} builds no artifact for {model.kind} models: "
                           + "; ".join(f"{s.filename} is for {' and '.join(s.models)} models" for s in left_out))
     for spec in left_out:
         progress.say(f"{spec.filename}: not built, target {target.name} builds it for {' and '.join(spec.models)} models only")

@@ -78,6 +78,11 @@ class LoadedModel:
     program: torch.export.ExportedProgram | None = field(default=None, repr=False)  # when given traced
     language: Any = field(default=None, repr=False)  # sources.decoder.Language for causal LMs
 
+    @property
+    def kind(self) -> str:
+        """What a target's artifact is built for (its `models` key): "language" or "tensor"."""
+        return "language" if self.language is not None else "tensor"
+
     def fresh_inputs(self, count: int, seed: int = 1234) -> list[tuple[torch.Tensor, ...]]:
         """Inputs the model was not traced with, so parity is not measured on the sample itself."""
         maker = self.make_inputs or (lambda s: random_like(self.sample_inputs, s))
