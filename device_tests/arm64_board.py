@@ -17,9 +17,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import DeviceError
+
+from . import cuda_stand_ins
 
 # qemu-user 10 from Debian's bookworm-backports: 7.2 (bookworm's own) crashes in ai-edge-litert's aarch64
 # wheel (SIGSEGV); 10.0 runs it (docs/device-harness.md). Unpacked into the board, not installed.
@@ -29,13 +32,37 @@ BACKPORTS = "deb http://deb.debian.org/debian bookworm-backports main"
 DEBIAN_PACKAGES = (
     "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libexpat1", "zlib1g",
     "libffi8", "libssl3", "libbz2-1.0", "liblzma5", "libgcc-s1", "libstdc++6", "libcrypt1", "libuuid1",
-    "libsqlite3-0", "libncursesw6", "libtinfo6", "libreadline8", "libdb5.3", "libgomp1",
+    "libsqlite3-0", "libncursesw6", "libtinfo6", "libreadline8", "libdb5.3", "libgomp1", "libatomic1",
 )
-# A board's runtime (the names of exporter.runtimes) -> the aarch64 wheels it installs. ExecuTorch is not
-# here: its aarch64 wheel links PyPI's aarch64 torch, a CUDA build that needs NVIDIA's libraries to load.
-RUNTIME_WHEELS = {
-    "tflite-runtime-2.14": ("numpy<2", "tflite-runtime==2.14.0"),  # what a Raspberry Pi installs
-    "ai-edge-litert-2.3": ("ai-edge-litert==2.3.0",),
+
+
+@dataclass(frozen=True)
+class BoardRuntime:
+    """What a board running one runtime installs: ``wheels`` with their dependencies, ``bare_wheels`` without
+    (their declared dependencies have no aarch64 build on the registry), and, for a runtime whose wheel
+    links PyPI's aarch64 torch (a CUDA build), stand-ins for the NVIDIA libraries it links
+    (device_tests/cuda_stand_ins.py)."""
+
+    wheels: tuple[str, ...]
+    bare_wheels: tuple[str, ...] = ()
+    cuda_stand_ins: bool = False
+
+    def recipe(self) -> str:
+        return "\n".join((*self.wheels, *(f"{w} (no dependencies)" for w in self.bare_wheels),
+                          *(("NVIDIA stand-ins", cuda_stand_ins.ZIG) if self.cuda_stand_ins else ())))
+
+
+# A board's runtime (the names of exporter.runtimes) -> what it installs.
+RUNTIMES = {
+    "tflite-runtime-2.14": BoardRuntime(("numpy<2", "tflite-runtime==2.14.0")),  # what a Raspberry Pi installs
+    "ai-edge-litert-2.3": BoardRuntime(("ai-edge-litert==2.3.0",)),
+    # ExecuTorch's aarch64 wheel, XNNPACK's arm64 kernels included; its Python module links libtorch. The
+    # wheels below are what its runtime and torch import (torch's and ExecuTorch's full dependency lists
+    # name CUDA packages and export-time tools a board never loads).
+    "executorch-1.5": BoardRuntime(
+        ("numpy<2.3", "typing-extensions", "filelock", "sympy", "networkx", "jinja2", "fsspec", "packaging",
+         "pyyaml", "ruamel.yaml", "tabulate", "flatbuffers", "mpmath", "hydra-core", "omegaconf"),
+        bare_wheels=("torch==2.13.0", "executorch==1.5.1"), cuda_stand_ins=True),
 }
 PLATFORMS = ("manylinux_2_34_aarch64", "manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64",
              "manylinux2014_aarch64")
@@ -71,11 +98,12 @@ def python_path(folder: Path, runtime: str) -> Path:
 def build(folder: Path, runtime: str) -> Path:
     """An arm64 board running ``runtime`` in ``folder`` (the userland shared by every runtime's board), built
     once and rebuilt if its recipe changed or a build was interrupted; returns the board's Python."""
-    if runtime not in RUNTIME_WHEELS:
-        raise DeviceError(f"arm64 board: no runtime '{runtime}'; choose one of {', '.join(RUNTIME_WHEELS)}")
+    if runtime not in RUNTIMES:
+        raise DeviceError(f"arm64 board: no runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
     userland = folder / "userland"
     _build_once(userland, "\n".join((QEMU_PACKAGE, *DEBIAN_PACKAGES)), _build_userland)
-    _build_once(folder / runtime, "\n".join(RUNTIME_WHEELS[runtime]), lambda into: _install_wheels(into, runtime))
+    _build_once(folder / runtime, RUNTIMES[runtime].recipe(),
+                lambda into: _install_runtime(into, runtime, userland / "root"))
     python = python_path(folder, runtime)
     # The board's python: the arm64 interpreter under qemu, seeing this runtime's wheels only.
     root = userland / "root"
@@ -121,10 +149,27 @@ def _build_userland(into: Path) -> None:
     shutil.rmtree(debs)
 
 
-def _install_wheels(into: Path, runtime: str) -> None:
+def _install_runtime(into: Path, runtime: str, root: Path) -> None:
+    board = RUNTIMES[runtime]
+    _pip(into / "site", board.wheels, f"installing {runtime}'s aarch64 wheels")
+    if board.bare_wheels:
+        _pip(into / "site", board.bare_wheels, f"installing {runtime}'s aarch64 wheels", "--no-deps")
+    if board.cuda_stand_ins:
+        tools = into / "zig"
+        _run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(tools), cuda_stand_ins.ZIG],
+             "installing Zig's C compiler (PyPI's ziglang) to build the NVIDIA stand-ins")
+        site = into / "site"
+        libraries = [p for folder in ("torch/lib", "executorch") for p in (site / folder).rglob("*.so*") if p.is_file()]
+        system = [p for p in root.rglob("*.so*") if p.is_file()] + [root / "usr/bin/python3.11"]
+        # Where the wheel looks for NVIDIA's pip packages (its libraries' RPATH names this folder).
+        cuda_stand_ins.build(libraries, system, site / "nvidia" / "cu13" / "lib", tools)
+        shutil.rmtree(tools)
+
+
+def _pip(site: Path, wheels: tuple[str, ...], doing: str, *flags: str) -> None:
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts",
-          "--target", str(into / "site"), "--only-binary=:all:", "--python-version", "3.11",
-          *(f"--platform={p}" for p in PLATFORMS), *RUNTIME_WHEELS[runtime]], f"installing {runtime}'s aarch64 wheels")
+          "--target", str(site), "--only-binary=:all:", "--python-version", "3.11",
+          *(f"--platform={p}" for p in PLATFORMS), *flags, *wheels], doing)
 
 
 def _run(command: list[str], doing: str, cwd: Path | None = None) -> None:
@@ -135,7 +180,7 @@ def _run(command: list[str], doing: str, cwd: Path | None = None) -> None:
         raise DeviceError(f"arm64 board: {doing} failed: {tail}")
 
 
-def serve(folder: Path, runtimes: tuple[str, ...] = tuple(RUNTIME_WHEELS)) -> Path:
+def serve(folder: Path, runtimes: tuple[str, ...] = tuple(RUNTIMES)) -> Path:
     """Build one arm64 board per runtime and serve each over its own loopback sshd (kept running after this
     returns; ``stop`` ends them). Returns the inventory to pass as ``--devices``: the boards are ssh devices
     with pinned host keys, marked emulated."""
@@ -205,7 +250,7 @@ def main(argv: list[str]) -> int:
     except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"arm64 boards served on loopback ({', '.join('arm64-' + r for r in RUNTIME_WHEELS)}); run an export on them:\n"
+    print(f"arm64 boards served on loopback ({', '.join('arm64-' + r for r in RUNTIMES)}); run an export on them:\n"
           f"  .venv/bin/edgeship device-test dist/<target>/<model> --devices {inventory}\n"
           f"stop them with: python -m device_tests.arm64_board stop {folder}")
     return 0

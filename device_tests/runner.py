@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "5"
+RUNNER_VERSION = "6"
 
 
 def _import(name):
@@ -36,15 +36,26 @@ def _import(name):
         return None
 
 
+def _installed_version(name):
+    """The version of an installed package, found without importing it (ExecuTorch's import takes most of
+    a minute on an emulated board); None if it is not installed. A package that is present but broken
+    fails where its artifacts run, with its own error."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version(name.replace("_", "-"))
+    except Exception:
+        return getattr(_import(name), "__version__", "?")
+
+
 def runtimes():
-    found = {}
-    for module, label in (("ai_edge_litert.interpreter", "ai_edge_litert"), ("tflite_runtime.interpreter", "tflite_runtime"),
-                          ("executorch.runtime", "executorch")):
-        if _import(module) is not None:
-            top = _import(label)
-            found[label] = getattr(top, "__version__", "?")
-    if platform.system() == "Darwin" and _import("coremltools") is not None:  # Core ML predicts only on macOS
-        found["coremltools"] = getattr(_import("coremltools"), "__version__", "?")
+    found = {label: v for label in ("ai_edge_litert", "tflite_runtime", "executorch") if (v := _installed_version(label))}
+    if platform.system() == "Darwin" and _installed_version("coremltools"):  # Core ML predicts only on macOS
+        found["coremltools"] = _installed_version("coremltools")
     return found
 
 

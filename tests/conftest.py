@@ -162,6 +162,38 @@ def make_trained_tiny_lm(folder: Path, tokenizer_folder: Path, steps: int = 30) 
     return folder
 
 
+def make_trained_tiny_gguf(path: Path, tokenizer_folder: Path) -> Path:
+    """make_tiny_gguf's model with make_trained_tiny_lm's trained weights: a GGUF whose predictions are
+    confident enough for the shipped targets' thresholds. Q and K rows are permuted the way llama.cpp's
+    converter writes them (its rotary embedding pairs neighbouring dimensions, not halves)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig
+
+    folder = make_trained_tiny_lm(path.parent / f"{path.stem}-trained", tokenizer_folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    state = load_file(str(folder / "model.safetensors"))
+
+    def llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    weights = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(config.num_hidden_layers):
+        for hf, ours in names.items():
+            weights[f"blk.{i}.{ours}.weight"] = state[f"model.layers.{i}.{hf}.weight"]
+        weights[f"blk.{i}.attn_q.weight"] = llama_cpp_rows(state[f"model.layers.{i}.self_attn.q_proj.weight"],
+                                                           config.num_attention_heads)
+        weights[f"blk.{i}.attn_k.weight"] = llama_cpp_rows(state[f"model.layers.{i}.self_attn.k_proj.weight"],
+                                                           config.num_key_value_heads)
+    return make_tiny_gguf(path, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                          config.num_attention_heads, config.num_key_value_heads,
+                          weights={k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()},
+                          eps=config.rms_norm_eps)
+
+
 def export_tiny_lm_pte(root: Path, tokenizer_folder: Path) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer, exported to an fp32 .pte (greedy answers exact): the
     language-model export the fake-device tests run."""
@@ -183,9 +215,10 @@ min_greedy_match = 1.0
     return summary.folder
 
 
-def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
-    """A random-weight Llama GGUF with Q4_1 linears and a Q8_0 embedding, as llama.cpp writes them,
-    with the real SmolLM2 tokenizer copied from the default model's file."""
+def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                   weights: dict | None = None, eps: float = 1e-5) -> Path:
+    """A Llama GGUF with Q4_1 linears and a Q8_0 embedding, as llama.cpp writes them, with the real SmolLM2
+    tokenizer copied from the default model's file; random weights unless ``weights`` (GGUF names) gives them."""
     import gguf
     import numpy as np
 
@@ -202,14 +235,14 @@ def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(hidden // heads)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_layer_norm_rms_eps(eps)
     writer.add_rope_freq_base(10000.0)
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
     writer.add_vocab_size(vocab)
     rng = np.random.default_rng(0)
 
     def add(name: str, rows: int, cols: int, kind: gguf.GGMLQuantizationType | None, std: float = 0.2) -> None:
-        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        values = weights[name] if weights else (rng.standard_normal((rows, cols)) * std).astype(np.float32)
         if kind is None:
             writer.add_tensor(name, values)
         else:
@@ -217,11 +250,14 @@ def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2
 
     q41, q80 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
     add("token_embd.weight", vocab, hidden, q80, std=1.0)
-    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    def norm(name: str) -> np.ndarray:
+        return weights[name] if weights else np.ones(hidden, np.float32)
+
+    writer.add_tensor("output_norm.weight", norm("output_norm.weight"))
     head_dim = hidden // heads
     for i in range(layers):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm(f"blk.{i}.attn_norm.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm(f"blk.{i}.ffn_norm.weight"))
         add(f"blk.{i}.attn_q.weight", hidden, hidden, q41)
         add(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden, q41)
         add(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden, q41)

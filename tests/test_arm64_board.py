@@ -17,7 +17,7 @@ from device_tests.loopback import keygen, make_board
 from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.targets import load_target, load_target_file
-from tests.conftest import make_tiny_gguf, needs_sshd, write_target
+from tests.conftest import make_trained_tiny_gguf, needs_sshd, write_target
 
 pytestmark = needs_sshd
 
@@ -30,14 +30,6 @@ quant = "int8-dynamic"
 [artifact.parity]
 min_cosine = 0.99
 """
-TINY_LM = """
-description = "a tiny language model's .tflite"
-[[artifact]]
-format = "tflite"
-quant = "int8-dynamic"
-[artifact.parity]
-min_token_agreement = 0.8
-"""
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def arm64(tmp_path_factory: pytest.TempPathFactory) -> dict:
     keygen(root / "client_key")
     folder = arm64_board.default_folder()  # built once on this machine, reused by every later run
     boards = {runtime: make_board(root, f"arm64-{runtime}", str(arm64_board.build(folder, runtime)), root / "client_key")
-              for runtime in arm64_board.RUNTIME_WHEELS}
+              for runtime in arm64_board.RUNTIMES}
     known_hosts = root / "known_hosts"
     known_hosts.write_text("".join(b.known_hosts_line() for b in boards.values()))
     yield {"root": root, "boards": boards, "settings": Settings(iterations=3, warmup=0, known_hosts=known_hosts)}
@@ -62,12 +54,12 @@ def device(arm64: dict, runtime: str) -> DeviceSpec:
 
 
 def run(arm64: dict, folder: Path) -> dict:
-    run_folder, outcomes = run_devices([device(arm64, r) for r in arm64_board.RUNTIME_WHEELS], folder,
+    run_folder, outcomes = run_devices([device(arm64, r) for r in arm64_board.RUNTIMES], folder,
                                        arm64["root"] / "results", arm64["settings"])
     return {"folder": run_folder, **{o.device: o for o in outcomes}}
 
 
-def test_raspberry_pi_artifacts_pass_on_arm64_with_both_tflite_runtimes(arm64: dict) -> None:
+def test_raspberry_pi_artifacts_pass_on_arm64_with_their_runtimes(arm64: dict) -> None:
     summary = export(load_target("raspberry-pi"), load_model(CNN), arm64["root"] / "dist")
     assert summary.ok
     outcomes = run(arm64, summary.folder)
@@ -80,6 +72,10 @@ def test_raspberry_pi_artifacts_pass_on_arm64_with_both_tflite_runtimes(arm64: d
         measured = outcome.result["artifacts"][host["name"]]  # the .pte needs ExecuTorch: not on these boards
         assert set(outcome.result["artifacts"]) == {host["name"]}
         assert measured["metrics"]["cosine"] > 0.9999 and measured["passed"]
+    pte = next(r.record for r in summary.results if r.spec.format.value == "pte")
+    on_executorch = outcomes["arm64-executorch-1.5"]
+    assert on_executorch.ok and set(on_executorch.result["artifacts"]) == {pte["name"]}  # XNNPACK's arm64 kernels
+    assert on_executorch.result["artifacts"][pte["name"]]["metrics"]["cosine"] > 0.999
     report = (outcomes["folder"] / "report.md").read_text()
     assert "| arm64-tflite-runtime-2.14 (emulated) |" in report and "their timings are the emulator's" in report
     summary_json = json.loads((outcomes["folder"] / "summary.json").read_text())
@@ -108,19 +104,35 @@ def test_per_channel_dynamic_range_fails_on_arm64_tflite_runtime_2_14_as_on_x86(
     assert outcomes["arm64-ai-edge-litert-2.3"].result["artifacts"]["litert-int8-dynamic"]["metrics"]["cosine"] > 0.9999
 
 
-def test_a_language_model_tflite_steps_on_arm64_litert(arm64: dict) -> None:
-    target = load_target_file(write_target(arm64["root"], "tiny-lm", TINY_LM))
-    gguf = make_tiny_gguf(arm64["root"] / "tiny-llama.Q4_1.gguf")
-    summary = export(target, load_model(str(gguf), SourceOptions(context_len=128)), arm64["root"] / "lm-dist")
+@pytest.mark.parametrize("target_name", ["android", "android-int8"])
+def test_android_artifacts_of_a_language_model_pass_on_arm64(arm64: dict, target_name: str,
+                                                             smollm2_tokenizer_folder: Path) -> None:
+    """Every artifact android and android-int8 build for a GGUF language model, on its runtime's aarch64
+    build: android's .pte carries the Q4_1 linears as 4-bit blocks (XNNPACK's arm64 4-bit kernels, which no
+    x86 test reaches), android-int8's is int8 throughout, both with the tied table in a .ptd; the .tflite runs
+    on LiteRT 2.3. Each passes the target's own thresholds there, with the host's agreement."""
+    gguf = arm64["root"] / "trained-llama.Q4_1.gguf"
+    if not gguf.exists():
+        make_trained_tiny_gguf(gguf, smollm2_tokenizer_folder)
+    summary = export(load_target(target_name), load_model(str(gguf), SourceOptions(context_len=128)),
+                     arm64["root"] / f"{target_name}-dist")
     assert summary.ok
-    host = summary.results[0].record["parity"]["metrics"]
-    run_folder, outcomes = run_devices([device(arm64, "ai-edge-litert-2.3")], summary.folder, arm64["root"] / "results",
-                                       arm64["settings"])
-    measured = outcomes[0].result["artifacts"]["litert-int8-dynamic"]
-    assert outcomes[0].ok, outcomes[0].reason
-    # ARM's kernels round differently from x86's: close to the host's agreement, not identical to it
-    assert abs(measured["metrics"]["token_agreement"] - host["token_agreement"]) < 0.05
-    assert measured["decode_tokens_per_s"] > 0
+    boards = {"pte": "executorch-1.5", "tflite": "ai-edge-litert-2.3"}
+    run_folder, outcomes = run_devices([device(arm64, runtime) for runtime in boards.values()], summary.folder,
+                                       arm64["root"] / "results", arm64["settings"])
+    by_board = {o.device: o for o in outcomes}
+    assert all(o.ok for o in outcomes), [o.reason for o in outcomes]
+    assert by_board["arm64-executorch-1.5"].result["facts"]["runtimes"] == {"executorch": "1.5.1"}
+    assert {r.spec.format.value for r in summary.results} == set(boards)
+    for result in summary.results:
+        host = result.record["parity"]["metrics"]
+        board = by_board[f"arm64-{boards[result.spec.format.value]}"]
+        measured = board.result["artifacts"][result.record["name"]]
+        assert measured["passed"] and board.result["facts"]["arch"] == "aarch64"
+        # ARM's kernels round differently from x86's: close to the host's agreement, not identical to it
+        assert abs(measured["metrics"]["token_agreement"] - host["token_agreement"]) < 0.03, result.record["name"]
+    pte = next(r.record for r in summary.results if r.spec.format.value == "pte")
+    assert (summary.folder / pte["file"]).with_suffix(".ptd").is_file()
 
 
 def test_serve_writes_an_inventory_of_emulated_boards_the_harness_loads(arm64: dict) -> None:
@@ -142,5 +154,5 @@ def test_serve_writes_an_inventory_of_emulated_boards_the_harness_loads(arm64: d
 def test_a_board_for_an_unknown_runtime_is_refused(tmp_path: Path) -> None:
     from exporter.errors import DeviceError
 
-    with pytest.raises(DeviceError, match="no runtime 'executorch-1.5'; choose one of tflite-runtime-2.14"):
-        arm64_board.build(tmp_path, "executorch-1.5")
+    with pytest.raises(DeviceError, match="no runtime 'coreml-9'; choose one of tflite-runtime-2.14"):
+        arm64_board.build(tmp_path, "coreml-9")
