@@ -53,9 +53,18 @@ def _block_scales(act_max: torch.Tensor, alpha: float, group: int) -> torch.Tens
     return per_channel.reshape(-1, group).amax(-1).repeat_interleave(group)
 
 
+# Families whose blocks are Llama's: an RMSNorm computing x * gamma feeds q/k/v alone, and another feeds
+# gate/up alone. Others get no pairs: Gemma 3's norms compute x * (1 + gamma) and its post-attention norm
+# is not the MLP's input; Phi-2's LayerNorm has a bias and feeds attention and MLP at once; GPT-2 and
+# GPT-NeoX name their layers otherwise; Phi-3 fuses q/k/v and gate/up.
+LLAMA_LAYOUT = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "phi3"}
+
+
 def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
-    """(producer, consumers) pairs in the Llama/Qwen/Phi-3 family layout; other layouts get none."""
+    """(producer, consumers) pairs in the Llama family layout; other layouts get none."""
     pairs: list[tuple[nn.Module, list[nn.Linear]]] = []
+    if getattr(getattr(model, "config", None), "model_type", None) not in LLAMA_LAYOUT:
+        return pairs
     for layer in getattr(model.base_model, "layers", []):
         attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj")):

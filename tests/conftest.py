@@ -114,6 +114,22 @@ TINY_LM_CONFIGS = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128),
     "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0),
+    # Phi-2: attention and MLP side by side from one LayerNorm, rotary on half of each head, biases
+    "phi": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, partial_rotary_factor=0.5),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, tie_word_embeddings=True),
+    # SmolLM3: every second layer without rotary embedding
+    "smollm3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, no_rope_layer_interval=2,
+                    tie_word_embeddings=True, pad_token_id=0),
+    # Gemma 3: a sliding-window layer and a global one, four norms per block, QK norms, scaled embeddings
+    "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
+    # GPT-NeoX / Pythia: rotary on a quarter of each head, parallel residual
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=256, rotary_pct=0.25),
 }
 
 

@@ -15,7 +15,7 @@ from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.sources.decoder import SUPPORTED
 from exporter.targets import load_target, load_target_file
-from tests.conftest import make_tiny_lm, run_cli, smollm2_gguf, write_target
+from tests.conftest import TINY_LM_CONFIGS, make_tiny_lm, run_cli, smollm2_gguf, write_target
 
 FLOAT_BOTH = """
 [[artifact]]
@@ -33,6 +33,15 @@ min_token_agreement = 0.99
 max_mean_kl = 0.001
 min_greedy_match = 1.0
 """
+# Every format: the .mlpackage is built and its structure checked (its numerics need a Mac).
+FLOAT_ALL = FLOAT_BOTH + """
+[[artifact]]
+format = "mlpackage"
+quant = "fp32"
+deployment_target = "iOS18"
+[artifact.parity]
+min_token_agreement = 0.99
+"""
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +50,23 @@ def tiny_lms(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder:
     return {arch: make_tiny_lm(root / f"tiny-{arch}", arch, smollm2_tokenizer_folder) for arch in SUPPORTED}
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gpt2", "phi3"])
-def test_tiny_language_model_exports_to_pte_and_tflite_and_generates_like_eager(
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gpt2", "phi3", "phi", "mistral", "smollm3",
+                                          "gemma3_text", "gpt_neox"])
+def test_tiny_language_model_exports_to_every_format_and_generates_like_eager(
     tiny_lms: dict[str, Path], tmp_path: Path, architecture: str
 ) -> None:
-    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_ALL))
     model = load_model(str(tiny_lms[architecture]), SourceOptions(context_len=128))
     summary = export(target, model, tmp_path / "dist")
+    assert [r.record["format"] for r in summary.results] == ["pte", "tflite", "mlpackage"]
     for result in summary.results:
         record = result.record
-        if architecture == "gpt2" and record["format"] == "tflite":  # an upstream limit, reported as such
+        if record["format"] == "mlpackage":
+            assert result.status == "pending-mac", record.get("error")
+            continue
+        if architecture in ("gpt2", "gpt_neox") and record["format"] == "tflite":  # an upstream limit, said so
             assert result.status == "error"
-            assert "litert-torch's LLM exporter does not support gpt2" in record["error"]
+            assert f"litert-torch's LLM exporter does not support {architecture}" in record["error"]
             continue
         assert result.status == "passed", (record["name"], record.get("failures"), record.get("error"))
         assert record["parity"]["metrics"]["greedy_match"] == 1.0
@@ -178,6 +192,16 @@ def test_context_longer_than_the_model_is_refused(tiny_lms: dict[str, Path]) -> 
         load_model(str(tiny_lms["llama"]), SourceOptions(context_len=4096))
 
 
+def test_a_context_longer_than_the_sliding_window_is_refused_and_the_default_fits_it(tiny_lms: dict[str, Path]) -> None:
+    """The program's KV cache attends over the whole context: Gemma 3's sliding layers compute the model's
+    own attention only while the context fits their window (128 tokens in the tiny model)."""
+    with pytest.raises(SourceError, match="--context-len 200 is longer than the model's sliding attention window "
+                                          "\\(128 tokens\\).*use --context-len 128 or less"):
+        load_model(str(tiny_lms["gemma3_text"]), SourceOptions(context_len=200))
+    assert load_model(str(tiny_lms["gemma3_text"])).language.max_context == 128
+    assert load_model(str(tiny_lms["mistral"])).language.max_context == 256  # no window: up to its positions
+
+
 def test_unsupported_architecture_lists_supported(tmp_path: Path, smollm2_tokenizer_folder: Path) -> None:
     folder = tmp_path / "opt"
     folder.mkdir()
@@ -263,7 +287,7 @@ def test_litertlm_bundle_runs_unchanged_in_the_litert_lm_engine(tiny_lms: dict[s
     assert engine["token_agreement"] == rows["litert-fp32"]["token_agreement"]  # same weights and graph
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("architecture", sorted(TINY_LM_CONFIGS))
 def test_stateful_core_ml_decoder_steps_its_cache_like_the_eager_model(tiny_lms: dict[str, Path],
                                                                        architecture: str) -> None:
     """The module converted to Core ML: prompt at once, then token by token with the cache as buffers."""

@@ -3,11 +3,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
-from exporter.smoothing import smooth
+from exporter.smoothing import LLAMA_LAYOUT, smooth
 from exporter.sources import SourceOptions, load_model
-from tests.conftest import make_tiny_lm
+from tests.conftest import TINY_LM_CONFIGS, make_tiny_lm
 
 
 def test_smoothing_is_exact_in_float_and_flattens_activation_outliers(tmp_path: Path, smollm2_tokenizer_folder: Path) -> None:
@@ -37,3 +38,24 @@ def test_tied_lm_head_is_left_alone(tmp_path: Path, smollm2_tokenizer_folder: Pa
     embedding = model.get_input_embeddings().weight.detach().clone()
     assert smooth(model, language.tokenizer, 0.5) == 2 * 6
     assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_LM_CONFIGS))
+def test_smoothing_is_exact_in_float_for_every_supported_family(tmp_path: Path, smollm2_tokenizer_folder: Path,
+                                                                architecture: str) -> None:
+    """Smoothing rescales only where the family's layout makes it exact (Gemma 3's 1 + gamma norms, Phi-2's
+    shared LayerNorm with a bias would not be): the logits are the same after it, whatever it rescaled."""
+    folder = make_tiny_lm(tmp_path / f"tiny-{architecture}", architecture, smollm2_tokenizer_folder)
+    language = load_model(str(folder), SourceOptions(context_len=64)).language
+    model = copy.deepcopy(language.causal_lm)
+    ids = torch.tensor([language.tokenizer("The lighthouse keeper climbed the stairs.")["input_ids"]])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                parameter.add_(torch.rand_like(parameter))  # not all ones: a wrong fold shows
+        before = model(ids).logits
+    rescaled = smooth(model, language.tokenizer, 0.5)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (rescaled > 0) == (architecture in LLAMA_LAYOUT)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)

@@ -29,13 +29,15 @@ def _mil_name(torch_name: str) -> str:
 
 def _decompositions() -> dict[Any, Any]:
     """Ops coremltools' torch.export frontend has no converter for, written as ones it has
-    (transformers' encoders build their attention masks with ``new_ones`` and ``&``)."""
+    (transformers' encoders build their attention masks with ``new_ones`` and ``&``; Phi-3's
+    graph holds an ``alias``, a view of the whole tensor, which a copy computes the same)."""
     from torch._decomp import get_decompositions
 
     aten = torch.ops.aten
     table = get_decompositions([aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty])
     table[aten.__and__.Tensor] = lambda a, b: aten.bitwise_and.Tensor(a, b)
     table[aten.__or__.Tensor] = lambda a, b: aten.bitwise_or.Tensor(a, b)
+    table[aten.alias.default] = lambda a: aten.clone.default(a)
     return table
 
 

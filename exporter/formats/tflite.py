@@ -217,7 +217,8 @@ def inspect(path: Path) -> Signature:
 
 # --- language models -------------------------------------------------------------------------------
 
-LITERT_LM_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3"}  # exported and checked by edgeship's tests
+# Exported and checked by edgeship's tests (GPT-NeoX's config lacks the num_key_value_heads litert-torch reads).
+LITERT_LM_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3", "phi", "mistral", "smollm3", "gemma3_text"}
 PREFILL_LENGTH = 64  # prompt tokens the prefill signature takes at once; longer prompts go in chunks
 _RECIPES = {"fp32": None, "int8-dynamic": "dynamic_wi8_afp32", "int8-weight": "weight_only_wi8_afp32"}
 _hf_folders: dict[str, Path] = {}  # model fingerprint -> HF folder litert-torch reads (GGUFs are saved once)

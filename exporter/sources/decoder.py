@@ -22,7 +22,8 @@ from .checkpoint import load_weights_checked, model_name, read_config, read_json
 
 # model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
-             "gpt2": "GPT-2", "phi3": "Phi-3"}
+             "gpt2": "GPT-2", "phi3": "Phi-3", "phi": "Phi-2/Phi-1.5", "mistral": "Mistral", "smollm3": "SmolLM3",
+             "gemma3_text": "Gemma 3 (270M, 1B)", "gpt_neox": "GPT-NeoX/Pythia"}
 DEFAULT_CONTEXT = 512
 # GGUF tensor types transformers can dequantise (gguf.GGMLQuantizationType names).
 GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -55,12 +56,30 @@ def _check_architecture(model_type: str, where: str) -> None:
 
 def _context(config: Any, options: SourceOptions, where: str) -> int:
     limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
-    wanted = options.context_len or min(DEFAULT_CONTEXT, limit)
+    window = sliding_window(config)
+    wanted = options.context_len or min(DEFAULT_CONTEXT, limit, window or limit)
     if wanted > limit:
         raise SourceError(f"{where}: --context-len {wanted} is larger than the model supports ({limit} positions)")
+    if window and wanted > window:
+        # The program's KV cache attends over all of it in every layer: the model's own computation only
+        # while the whole context fits in its sliding layers' window.
+        raise SourceError(f"{where}: --context-len {wanted} is longer than the model's sliding attention window "
+                          f"({window} tokens), which edgeship's KV cache does not apply; use --context-len {window} "
+                          "or less")
     if wanted < 16:
         raise SourceError(f"--context-len {wanted} is too small; use at least 16")
     return wanted
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of the model's sliding-window layers (Gemma 3, Mistral), None if it has none."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    return int(window) if getattr(config, "use_sliding_window", True) else None
 
 
 def _eos_ids(tokenizer: Any, config: Any, generation: dict[str, Any]) -> list[int]:
