@@ -78,7 +78,8 @@ system-packages:
 		echo "deb http://deb.debian.org/debian bookworm-backports main" | $(SUDO) tee /etc/apt/sources.list.d/edgeship-backports.list >/dev/null && \
 		$(SUDO) apt-get update -qq; }
 
-# Emulated arm64 boards (qemu-user) serving on loopback, one per .tflite runtime; prints the inventory to use.
+# Emulated arm64 boards (qemu-user) serving on loopback, one per board runtime (tflite-runtime 2.14, LiteRT 2.3,
+# ExecuTorch 1.5); prints the inventory to use.
 arm64-board: $(STAMP) system-packages
 	@$(BIN)/python -m device_tests.arm64_board serve $(ARM64_BOARD)
 
