@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,21 +131,22 @@ def build(libraries: list[Path], system: list[Path], into: Path, zig: Path) -> l
     """Compile a stand-in into ``into`` for each library ``libraries`` miss; ``zig`` is the folder PyPI's
     ziglang is installed in. Returns the sonames built."""
     stand_ins = missing_libraries(libraries, system)
-    work = into / ".stand-ins"
-    work.mkdir(parents=True, exist_ok=True)
-    for stand_in in stand_ins:
-        c_file = work / f"{stand_in.soname}.c"
-        c_file.write_text(source(stand_in))
-        command = [sys.executable, "-m", "ziglang", "cc", "-target", "aarch64-linux-gnu.2.17", "-shared", "-fPIC",
-                   "-O1", f"-Wl,-soname,{stand_in.soname}", "-o", str(into / stand_in.soname), str(c_file)]
-        script = version_script(stand_in)
-        if script:
-            map_file = work / f"{stand_in.soname}.map"
-            map_file.write_text(script)
-            command.insert(-1, f"-Wl,--version-script,{map_file}")
-        done = subprocess.run(command, capture_output=True, text=True, cwd=work,
-                              env={"PYTHONPATH": str(zig), "PATH": "/usr/bin:/bin", "HOME": str(work)})
-        if done.returncode != 0:
-            raise DeviceError(f"arm64 board: compiling the stand-in for {stand_in.soname} failed: "
-                              + " | ".join(done.stderr.strip().splitlines()[-3:]))
+    into.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stand-ins-") as scratch:  # sources and Zig's cache, not kept
+        work = Path(scratch)
+        for stand_in in stand_ins:
+            c_file = work / f"{stand_in.soname}.c"
+            c_file.write_text(source(stand_in))
+            command = [sys.executable, "-m", "ziglang", "cc", "-target", "aarch64-linux-gnu.2.17", "-shared", "-fPIC",
+                       "-O1", f"-Wl,-soname,{stand_in.soname}", "-o", str(into / stand_in.soname), str(c_file)]
+            script = version_script(stand_in)
+            if script:
+                map_file = work / f"{stand_in.soname}.map"
+                map_file.write_text(script)
+                command.insert(-1, f"-Wl,--version-script,{map_file}")
+            done = subprocess.run(command, capture_output=True, text=True, cwd=work,
+                                  env={"PYTHONPATH": str(zig), "PATH": "/usr/bin:/bin", "HOME": str(work)})
+            if done.returncode != 0:
+                raise DeviceError(f"arm64 board: compiling the stand-in for {stand_in.soname} failed: "
+                                  + " | ".join(done.stderr.strip().splitlines()[-3:]))
     return [s.soname for s in stand_ins]
