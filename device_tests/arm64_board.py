@@ -150,15 +150,14 @@ def _build_userland(into: Path) -> None:
 
 
 def _install_runtime(into: Path, runtime: str, root: Path) -> None:
-    board = RUNTIMES[runtime]
-    _pip(into / "site", board.wheels, f"installing {runtime}'s aarch64 wheels")
+    board, site = RUNTIMES[runtime], into / "site"
+    _pip(site, board.wheels, f"installing {runtime}'s aarch64 wheels")
     if board.bare_wheels:
-        _pip(into / "site", board.bare_wheels, f"installing {runtime}'s aarch64 wheels", "--no-deps")
+        _pip(site, board.bare_wheels, f"installing {runtime}'s aarch64 wheels", "--no-deps")
     if board.cuda_stand_ins:
         tools = into / "zig"
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(tools), cuda_stand_ins.ZIG],
              "installing Zig's C compiler (PyPI's ziglang) to build the NVIDIA stand-ins")
-        site = into / "site"
         libraries = [p for folder in ("torch/lib", "executorch") for p in (site / folder).rglob("*.so*") if p.is_file()]
         system = [p for p in root.rglob("*.so*") if p.is_file()] + [root / "usr/bin/python3.11"]
         # Where the wheel looks for NVIDIA's pip packages (its libraries' RPATH names this folder).

@@ -51,17 +51,17 @@ def missing_libraries(libraries: list[Path], system: list[Path]) -> list[StandIn
     wanted: dict[str, StandIn] = {}
     imports: list[tuple[str, str, dict[str, str]]] = []  # (symbol, version, version -> file) per import
     for library in libraries:
-        needed, versions, symbols = _read(library)
+        needed, versions = _needs(library)
         for soname in needed:
             if soname not in provided:
                 wanted.setdefault(soname, StandIn(soname))
-        for name, version, is_defined in symbols:
+        for name, version, is_defined in _dynamic_symbols(library):
             if is_defined:
                 defined.add(name)
             else:
                 imports.append((name, version, versions))
     for library in system:
-        defined.update(name for name, _, is_defined in _read(library)[2] if is_defined)
+        defined.update(name for name, _, is_defined in _dynamic_symbols(library) if is_defined)
     unversioned = set()
     for name, version, versions in imports:
         if name in defined:
@@ -80,25 +80,30 @@ def missing_libraries(libraries: list[Path], system: list[Path]) -> list[StandIn
     return sorted(wanted.values(), key=lambda s: s.soname)
 
 
-def _read(library: Path) -> tuple[list[str], dict[str, str], list[tuple[str, str, bool]]]:
-    """(needed sonames, version node -> the file it belongs to, (symbol, version, defined?) per dynamic
-    symbol; weak imports left out: a missing one is allowed)."""
-    def readelf(*flags: str) -> str:
-        done = subprocess.run(["readelf", "-W", *flags, str(library)], capture_output=True, text=True)
-        if done.returncode != 0 and "Not an ELF file" not in done.stderr:
-            raise DeviceError(f"arm64 board: readelf could not read {library}: {done.stderr.strip()}")
-        return done.stdout
+def _readelf(library: Path, *flags: str) -> str:
+    done = subprocess.run(["readelf", "-W", *flags, str(library)], capture_output=True, text=True)
+    if done.returncode != 0 and "Not an ELF file" not in done.stderr:
+        raise DeviceError(f"arm64 board: readelf could not read {library}: {done.stderr.strip()}")
+    return done.stdout
 
-    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", readelf("-d"))
+
+def _needs(library: Path) -> tuple[list[str], dict[str, str]]:
+    """(needed sonames, version node -> the file it belongs to)."""
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", _readelf(library, "-d"))
     versions: dict[str, str] = {}
     owner = ""
-    for line in readelf("-V").splitlines():
+    for line in _readelf(library, "-V").splitlines():
         if (file_line := re.search(r"File: (\S+)", line)):
             owner = file_line.group(1)
         elif owner and (name_line := re.search(r"Name: (\S+)", line)):
             versions[name_line.group(1)] = owner
+    return needed, versions
+
+
+def _dynamic_symbols(library: Path) -> list[tuple[str, str, bool]]:
+    """(symbol, version, defined?) per dynamic symbol; weak imports left out: a missing one is allowed."""
     symbols = []
-    for line in readelf("--dyn-syms").splitlines():
+    for line in _readelf(library, "--dyn-syms").splitlines():
         parts = line.split()
         if len(parts) < 8 or not parts[0].endswith(":") or parts[3] not in ("FUNC", "OBJECT", "NOTYPE", "IFUNC"):
             continue
@@ -109,7 +114,7 @@ def _read(library: Path) -> tuple[list[str], dict[str, str], list[tuple[str, str
                 symbols.append((base, version.lstrip("@"), False))
         else:
             symbols.append((base, "", True))
-    return needed, versions, symbols
+    return symbols
 
 
 def source(stand_in: StandIn) -> str:

@@ -54,8 +54,8 @@ def _installed_version(name):
 
 def runtimes():
     found = {label: v for label in ("ai_edge_litert", "tflite_runtime", "executorch") if (v := _installed_version(label))}
-    if platform.system() == "Darwin" and _installed_version("coremltools"):  # Core ML predicts only on macOS
-        found["coremltools"] = _installed_version("coremltools")
+    if platform.system() == "Darwin" and (coreml := _installed_version("coremltools")):  # predicts only on macOS
+        found["coremltools"] = coreml
     return found
 
 
