@@ -86,3 +86,39 @@ def test_wilson_interval_brackets_the_rate() -> None:
     low, high = lm_parity.wilson_interval(900, 1000)
     assert 0.87 < low < 0.9 < high < 0.92
     assert lm_parity.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "gemma3_text", "phi"])
+def test_the_eager_reference_steps_with_a_kv_cache_and_answers_as_recomputing_the_prefix_does(
+        architecture: str, smollm2_tokenizer_folder: Path, tmp_path: Path) -> None:
+    """The reference's greedy answers cost one step per token (linear in their length), and are the model's
+    own: the same tokens and logits as running the whole prefix every time, a rewind included."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_lm
+
+    model = AutoModelForCausalLM.from_pretrained(str(make_tiny_lm(tmp_path, architecture, smollm2_tokenizer_folder)))
+    model.eval()
+    calls = []
+    original = model.forward
+
+    def counted(input_ids=None, **kwargs):
+        calls.append(input_ids.shape[1])
+        return original(input_ids=input_ids, **kwargs)
+
+    seen: list[int] = []
+
+    def recomputing(tokens: list[int], start_pos: int) -> np.ndarray:
+        seen[start_pos:] = tokens
+        with torch.no_grad():
+            return original(torch.tensor([seen])).logits[0, -1].numpy()
+
+    model.forward = counted
+    prompt = [1, 57, 300, 42, 9]
+    stepper = lm_parity.EagerStepper(model)
+    answer = lm_parity.greedy(stepper, prompt, 20, [])
+    assert calls == [len(prompt)] + [1] * 19  # one token per step after the prompt
+    assert answer == lm_parity.greedy(recomputing, prompt, 20, [])
+    rewound = stepper(answer[:3], len(prompt))  # back to just after the prompt
+    np.testing.assert_allclose(rewound, recomputing(prompt + answer[:3], 0), atol=1e-4)
