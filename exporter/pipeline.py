@@ -8,6 +8,7 @@ instead of building, and why, is exporter.reuse's to say.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from dataclasses import dataclass, field
@@ -115,16 +116,18 @@ def export(
     # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
     plans = [reuse.plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
              for spec in specs]
-    if parallel and model.language is not None:
-        for plan in plans:
-            if plan.spec.format.value == "tflite" and plan.builds:
-                format_module("tflite").start_decoder(model, plan.spec, folder)
-                progress.say(f"{plan.spec.filename}: litert-torch's export started in a child process, beside the others")
-    try:
-        results = _build_all(model, program, plans, folder, golden, progress,
-                             _RuntimeCheck(folder / manifest.GOLDEN, model_record, golden_record))
-    finally:
-        format_module("tflite").cancel_started()  # any export started ahead and not collected
+    # A language model's answers are known now: its weights wait on disk while the builds work on copies.
+    with model.language.reference_parked(folder) if model.language is not None else contextlib.nullcontext():
+        if parallel and model.language is not None:
+            for plan in plans:
+                if plan.spec.format.value == "tflite" and plan.builds:
+                    format_module("tflite").start_decoder(model, plan.spec, folder)
+                    progress.say(f"{plan.spec.filename}: litert-torch's export started in a child process, beside the others")
+        try:
+            results = _build_all(model, program, plans, folder, golden, progress,
+                                 _RuntimeCheck(folder / manifest.GOLDEN, model_record, golden_record))
+        finally:
+            format_module("tflite").cancel_started()  # any export started ahead and not collected
 
     # Artifacts of this target that were not rebuilt this time keep their previous records.
     done = {r.spec.name for r in results}

@@ -42,3 +42,18 @@ def test_weights_come_back_when_the_build_fails(tmp_path: Path) -> None:
         raise RuntimeError("lowering failed")
     assert torch.equal(model["norm"].weight, before)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_working_copies_made_while_parked_have_the_weights_and_change_alone(tmp_path: Path) -> None:
+    model = _tied_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with parked(model, tmp_path) as working_copy:
+        first, second = working_copy(), working_copy()
+        for name, value in before.items():
+            assert torch.equal(dict(first.named_parameters())[name], value), name
+        assert first["head"].weight is first["embed"].weight  # tied in the copy too
+        with torch.no_grad():
+            first["norm"].weight.mul_(3)  # copy-on-write: neither the file nor the other copy changes
+        assert torch.equal(second["norm"].weight, before["norm.weight"])
+        assert all(p.numel() == 0 for p in model.parameters())
+    assert torch.equal(model["norm"].weight, before["norm.weight"])

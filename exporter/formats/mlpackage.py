@@ -112,8 +112,6 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     """A decoder LM as a stateful Core ML model: the KV cache is model state (iOS 18+), the prompt length
     and position are flexible (inputs ``input_ids`` [1, seq] and ``causal_mask`` [1, 1, seq, end]), the
     output is the last token's logits. Apps create one state per conversation (``makeState()``)."""
-    import copy
-
     from .. import llm
 
     if DEPLOYMENT_TARGETS.index(spec.deployment_target or "iOS17") < DEPLOYMENT_TARGETS.index("iOS18"):
@@ -122,7 +120,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
                                              f"{spec.deployment_target or 'iOS17'})")
     language = model.language
     context = language.max_context
-    decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), context).eval()
+    decoder = llm.StatefulDecoder(language.working_copy(), context).eval()
     try:
         program = llm.export_stateful(decoder, int(language.tokenizer.bos_token_id or 0))
     except Exception as exc:

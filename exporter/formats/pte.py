@@ -17,7 +17,6 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
-from ..weights_on_disk import parked
 from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table
 from .xnnpack_linears import retrace_friendly
 
@@ -323,11 +322,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     4-bit blocks carried over exactly where the scheme matches them."""
     if spec.backend == "coreml":
         return _build_coreml_decoder(model, spec, destination)
-    causal_lm = copy.deepcopy(model.language.causal_lm)
-    # The build works on the copy for minutes while litert-torch's child may peak beside it: the
-    # original's fp32 weights wait on disk meanwhile (0.54 GB for the default model).
-    with parked(model.language.causal_lm, destination.parent):
-        return _build_xnnpack_decoder(model, causal_lm, spec, destination)
+    return _build_xnnpack_decoder(model, model.language.working_copy(), spec, destination)
 
 
 def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec: ArtifactSpec,
@@ -402,7 +397,7 @@ def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: P
     from .. import llm
 
     language = model.language
-    decoder = llm.StatefulDecoder(copy.deepcopy(language.causal_lm), language.max_context).eval()
+    decoder = llm.StatefulDecoder(language.working_copy(), language.max_context).eval()
     module, layers = quantise(decoder, spec, in_place=True)
     try:
         program = llm.export_stateful(module, int(language.tokenizer.bos_token_id or 0))

@@ -28,7 +28,6 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
-from ..weights_on_disk import parked
 from . import Built, Runner, Signature, TensorSpec
 
 _float_cache: dict[str, bytes] = {}  # model fingerprint -> float flatbuffer, shared by this run's artifacts
@@ -37,13 +36,18 @@ _float_cache: dict[str, bytes] = {}  # model fingerprint -> float flatbuffer, sh
 _SIGNATURE_POINTS = 2048
 
 
+_SIGNATURE_CORNER = 512
+
+
 def weight_signature(weight: np.ndarray) -> np.ndarray:
     """A fingerprint of a weight matrix that survives per-row and per-column rescaling (and sign flips).
 
     Alternately normalising |W|'s columns and rows converges to the same matrix for W and D1 W D2,
-    so a layer whose LayerNorm gamma was folded in still matches its torch weights.
+    so a layer whose LayerNorm gamma was folded in still matches its torch weights. It is taken on the
+    matrix's top-left corner (a rescaled corner is the corner of the rescaled matrix): reading a 1B
+    model's whole lm_head in float64 took 2 GB, the corner takes 2 MB and reads only its own pages.
     """
-    a = np.abs(np.asarray(weight, np.float64)) + 1e-12
+    a = np.abs(np.asarray(weight[:_SIGNATURE_CORNER, :_SIGNATURE_CORNER], np.float64)) + 1e-12
     for _ in range(4):
         a /= a.sum(axis=0, keepdims=True)
         a /= a.sum(axis=1, keepdims=True)
@@ -110,9 +114,14 @@ def _interpreter(model_content: bytes | None = None, path: Path | None = None) -
     return interpreter
 
 
-def fully_connected_ops(flatbuffer: bytes) -> list[dict[str, Any]]:
+def _interpreter_of(flatbuffer: bytes | Path) -> Any:
+    """A path is mapped, not read: a 1B model's float flatbuffer is 5 GB."""
+    return _interpreter(path=flatbuffer) if isinstance(flatbuffer, Path) else _interpreter(model_content=flatbuffer)
+
+
+def fully_connected_ops(flatbuffer: bytes | Path) -> list[dict[str, Any]]:
     """Each FULLY_CONNECTED op of a float model: its output tensor name, weight digest and shape."""
-    interpreter = _interpreter(model_content=flatbuffer)
+    interpreter = _interpreter_of(flatbuffer)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = []
     for op in interpreter._get_ops_details():
@@ -120,7 +129,7 @@ def fully_connected_ops(flatbuffer: bytes) -> list[dict[str, Any]]:
             continue
         weight = tensors[int(op["inputs"][1])]
         try:
-            values = interpreter.get_tensor(weight["index"])
+            values = interpreter.tensor(weight["index"])()  # a view: the signature reads its corner only
         except ValueError:  # computed, not constant
             continue
         ops.append({"scope": tensors[int(op["outputs"][0])]["name"], "signature": weight_signature(values),
@@ -149,7 +158,7 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
 
 
 def _confirm(plan: list[LayerDecision], ops: list[dict[str, Any]], layer_of: dict[str, str],
-             quantised: bytes) -> list[LayerDecision]:
+             quantised: bytes | Path) -> list[LayerDecision]:
     scopes = quantised_scopes(quantised)
     found = {layer_of[op["scope"]]: "" for op in ops if op["scope"] in scopes and op["scope"] in layer_of}
     return confirm(plan, found, "no quantised FULLY_CONNECTED weight found for it in the flatbuffer")
@@ -175,12 +184,12 @@ def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, An
         raise ConversionError(spec.filename, f"ai-edge-quantizer failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def quantised_scopes(flatbuffer: bytes) -> set[str]:
+def quantised_scopes(flatbuffer: bytes | Path) -> set[str]:
     """Output names of FULLY_CONNECTED ops whose weight is stored as integers.
 
     Dynamic-range ops read the int8 tensor directly; weight-only ops read it through a DEQUANTIZE op.
     """
-    interpreter = _interpreter(model_content=flatbuffer)
+    interpreter = _interpreter_of(flatbuffer)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     dequantized_from = {int(op["outputs"][0]): int(op["inputs"][0]) for op in ops if op["op_name"] == "DEQUANTIZE"}
@@ -247,14 +256,11 @@ def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
         atexit.register(shutil.rmtree, folder, True)
         # transformers refuses save_pretrained on a model loaded from GGUF; the dequantised fp32 weights
         # and the config are all litert-torch needs (save_model stores tied weights once).
-        causal_lm = model.language.causal_lm
+        causal_lm = model.language.working_copy()
         if smoothing:
-            import copy
-
             from ..smoothing import smooth
 
-            causal_lm = copy.deepcopy(causal_lm)  # a tied lm_head stays tied (and unsmoothed): see smoothing
-            smooth(causal_lm, model.language.tokenizer, smoothing)
+            smooth(causal_lm, model.language.tokenizer, smoothing)  # a tied lm_head stays tied (and unsmoothed)
         causal_lm.config.save_pretrained(folder)
         save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
         model.language.tokenizer.save_pretrained(folder)
@@ -380,8 +386,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     running = _started.pop((model.fingerprint, spec.filename), None)
     if running is None:
         running = _launch(model, spec, Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent)))
-    with parked(language.causal_lm, destination.parent):  # idle while the child reaches its peak
-        code, stderr = running.finish()
+    code, stderr = running.finish()  # the export keeps the source weights parked while the child peaks
     work = running.work
     if code != 0:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
@@ -400,13 +405,13 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
 
 
 def _decoder_layer_report(model: LoadedModel, spec: ArtifactSpec, float_path: Path, quantised_path: Path) -> list[LayerDecision]:
-    plan = plan_layers(model.language.causal_lm, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+    causal_lm = model.language.working_copy()  # mapped: the signatures read only their corners
+    plan = plan_layers(causal_lm, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
     if SCHEMES[spec.quant].weight_bits is None or not float_path.is_file():
         return plan
-    weights = {name: m.weight.detach().numpy() for name, m in model.language.causal_lm.named_modules()
-               if isinstance(m, torch.nn.Linear)}
-    ops = fully_connected_ops(float_path.read_bytes())
-    return _confirm(plan, ops, match_layers(ops, weights), quantised_path.read_bytes())
+    weights = {name: m.weight.detach().numpy() for name, m in causal_lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    ops = fully_connected_ops(float_path)
+    return _confirm(plan, ops, match_layers(ops, weights), quantised_path)
 
 
 def lm_stepper(path: Path, backend: str = "litert") -> Any:

@@ -7,8 +7,9 @@ and generation defaults; formats build their KV-cache programs from it (see ``ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import SourceError
+from ..weights_on_disk import parked
 from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
 from .checkpoint import load_weights_checked, model_name, read_config, read_json, weights_fingerprint
 
@@ -38,6 +40,24 @@ class Language:
     chat_template: str | None
     generation: dict[str, Any] = field(default_factory=dict)
     architecture: str = ""
+
+    parked_copies: Callable[[], nn.Module] | None = field(default=None, repr=False)  # set while parked
+
+    def working_copy(self) -> nn.Module:
+        """A copy of the reference model for a build to change (smooth, quantise, lower): mapped from disk
+        while the export keeps the reference parked, else a deep copy."""
+        return self.parked_copies() if self.parked_copies else copy.deepcopy(self.causal_lm)
+
+    @contextlib.contextmanager
+    def reference_parked(self, folder: Path) -> Iterator[None]:
+        """The builds' phase: the reference's weights wait on disk (its answers are computed by then) and
+        every working copy maps them from there."""
+        with parked(self.causal_lm, folder) as copies:
+            self.parked_copies = copies
+            try:
+                yield
+            finally:
+                self.parked_copies = None
 
     def encode_chat(self, question: str) -> list[int]:
         if self.chat_template:
