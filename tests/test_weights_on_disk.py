@@ -57,3 +57,28 @@ def test_working_copies_made_while_parked_have_the_weights_and_change_alone(tmp_
         assert torch.equal(second["norm"].weight, before["norm.weight"])
         assert all(p.numel() == 0 for p in model.parameters())
     assert torch.equal(model["norm"].weight, before["norm.weight"])
+
+
+
+def test_a_working_copy_given_memory_of_its_own_lets_go_of_the_parked_file(tmp_path: Path) -> None:
+    """After quantisation only a few float tensors of a copy are left; they must not keep the whole
+    fp32 model mapped (the file stays in /proc/self/maps while any tensor lives in it)."""
+    import gc
+
+    from exporter.weights_on_disk import own_memory
+
+    def mapped() -> bool:
+        return str(tmp_path) in Path("/proc/self/maps").read_text()
+
+    model = _tied_model()
+    with parked(model, tmp_path) as working_copy:
+        copy = working_copy()
+        kept = copy["norm"].weight.detach().clone()
+        copy["head"].weight = torch.nn.Parameter(torch.zeros(10, 4))  # as quantisation replaces the weights
+        copy["embed"].weight = copy["head"].weight
+        gc.collect()
+        assert mapped()  # the norm still lives in the file
+        own_memory(copy)
+        gc.collect()
+        assert not mapped()
+        assert torch.equal(copy["norm"].weight, kept)

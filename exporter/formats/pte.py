@@ -17,6 +17,8 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
+from ..heap import return_freed_memory
+from ..weights_on_disk import own_memory
 from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table
 from .xnnpack_linears import retrace_friendly
 
@@ -366,6 +368,8 @@ def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec:
             layers.insert(0, LayerDecision(f"inner.{name}", "embedding", shape, True,
                                            "the lm_head's int8 rows (embedding_byte), stored once in the .ptd"
                                            + (", unsmoothed by one multiply" if unsmooth is not None else "")))
+    own_memory(decoder)  # quantised: the fp32 source's mapping can go before the lowering's peak
+    return_freed_memory()
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
     seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
     try:
@@ -399,6 +403,7 @@ def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: P
     language = model.language
     decoder = llm.StatefulDecoder(language.working_copy(), language.max_context).eval()
     module, layers = quantise(decoder, spec, in_place=True)
+    own_memory(module)
     try:
         program = llm.export_stateful(module, int(language.tokenizer.bos_token_id or 0))
     except Exception as exc:

@@ -48,9 +48,17 @@ def is_tied(causal_lm: nn.Module) -> bool:
 def unsmoothing(table: torch.Tensor, smoothed_head: torch.Tensor) -> torch.Tensor | None:
     """1/s per column, where smoothed_head = table * s column by column (least squares, exact in float);
     None when the head was not rescaled."""
-    table, smoothed_head = table.detach().double(), smoothed_head.detach().double()
-    s = (table * smoothed_head).sum(0) / (table * table).sum(0).clamp(min=1e-30)
+    cross = torch.zeros(table.shape[1], dtype=torch.float64)
+    square = torch.zeros_like(cross)
+    for start in range(0, table.shape[0], _ROWS_AT_ONCE):  # a 128k vocabulary in float64 at once took 6 GB
+        rows = table.detach()[start:start + _ROWS_AT_ONCE].double()
+        cross += (rows * smoothed_head.detach()[start:start + _ROWS_AT_ONCE].double()).sum(0)
+        square += (rows * rows).sum(0)
+    s = cross / square.clamp(min=1e-30)
     return None if torch.allclose(s, torch.ones_like(s)) else (1.0 / s).float()
+
+
+_ROWS_AT_ONCE = 8192
 
 
 def tie(causal_lm: nn.Module, head: nn.Module, unsmooth: torch.Tensor | None) -> str | None:
