@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--sequential", action="store_true",
                         help="language models: build the .pte first and start litert-torch's export (a child "
                              "process) after it, instead of beside it; for a machine with one core")
+    export.add_argument("--no-memory-check", action="store_true",
+                        help="language models: export even when the estimated peak memory exceeds what is available")
     export.add_argument("--quiet", "-q", action="store_true", help="no progress lines, only the summary")
 
     commands.add_parser("targets", help="list targets and the artifacts each produces")

@@ -40,7 +40,8 @@ def export_command(args: argparse.Namespace) -> int:
         model = load_model(spec, SourceOptions(seq_len=args.seq_len, batch_size=args.batch_size,
                                                context_len=args.context_len))
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
-    summary = export(target, model, Path(args.output), only=only, progress=progress, parallel=not args.sequential)
+    summary = export(target, model, Path(args.output), only=only, progress=progress, parallel=not args.sequential,
+                     memory_check=not args.no_memory_check)
     print(render_table([r.record for r in summary.results], summary.fp32_bytes), file=console.out)
     print(f"\n{summary.folder}/{manifest.MANIFEST}", file=console.out)
     failed = [r for r in summary.results if not r.ok]

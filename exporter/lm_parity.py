@@ -147,7 +147,13 @@ def reference(language: Any) -> Reference:
         for kind, ids in texts.items():
             logits[kind] = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
     prompt_ids = [language.encode_chat(p) for p in prompts()]
-    count = min(GREEDY_TOKENS, limit - max(len(p) for p in prompt_ids))
+    longest = max(len(p) for p in prompt_ids)
+    if limit - longest < 2:  # a prompt and at least one answer token must fit the KV cache
+        from .errors import SourceError
+
+        raise SourceError(f"--context-len {limit} is too short for the parity check's prompts ({longest} tokens with "
+                          f"this model's chat template); use --context-len {longest + GREEDY_TOKENS} or more")
+    count = min(GREEDY_TOKENS, limit - longest)
 
     greedy_ids = [greedy(EagerStepper(model), p, count, language.eos_ids) for p in prompt_ids]
     return Reference(texts, logits, prompt_ids, greedy_ids)

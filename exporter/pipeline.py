@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import files, lm_parity, manifest, reuse, runtimes
+from . import files, lm_parity, manifest, memory_plan, reuse, runtimes
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
 from .heap import return_freed_memory
@@ -72,10 +72,13 @@ def export(
     only: tuple[str, ...] = (),
     progress: Progress | None = None,
     parallel: bool = True,
+    memory_check: bool = True,
 ) -> ExportSummary:
     """``parallel``: a language model's litert-torch export (a child process) starts first and converts on
     another core while this process builds the other artifacts (on 2 cores 0.84x the time of building
-    one after the other, 3.77 instead of 3.50 GiB for all processes: docs/measurements.md "Export time and memory")."""
+    one after the other, 3.77 instead of 3.50 GiB for all processes: docs/measurements.md "Export time and memory").
+    ``memory_check``: a language model's export is estimated first; it goes one artifact at a time when only
+    that fits the memory available, and is refused when nothing does (exporter.memory_plan)."""
     progress = progress or Progress(quiet=True)
     folder = output_root / target.name / model.name
     specs = [s for s in target.artifacts if not only or s.format.value in only or s.name in only]
@@ -90,6 +93,12 @@ def export(
     for spec in left_out:
         progress.say(f"{spec.filename}: not built, target {target.name} builds it for {' and '.join(spec.models)} models only")
     reference = fp32_size(model)
+    if model.language is not None and memory_check:
+        memory = memory_plan.plan(reference, parallel, any(s.format.value == "tflite" for s in specs),
+                                  memory_plan.available_bytes())
+        if memory.note:
+            progress.say(memory.note)
+        parallel = memory.parallel
     files.ensure_writable(folder, needed_bytes=reference * 2)
     files.remove_stale_staging(folder)
     previous = manifest.read(folder) or {}

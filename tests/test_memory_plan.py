@@ -1,0 +1,66 @@
+"""An export's peak memory is estimated before the heavy work: side by side when that fits, one artifact
+at a time when only that fits, refused (exit 2, nothing built) when nothing does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter import memory_plan
+from exporter.errors import ExportError
+from exporter.memory_plan import GIB, estimated_peak, plan
+
+MODEL = 5 * GIB  # a 1.2B model's fp32 bytes
+FLOAT_PTE = """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+"""
+
+
+def test_the_estimate_grows_with_the_model_and_is_lower_one_artifact_at_a_time() -> None:
+    assert estimated_peak(MODEL, True) > estimated_peak(MODEL, False) > estimated_peak(MODEL // 10, False)
+    assert estimated_peak(2 * MODEL, True) - estimated_peak(MODEL, True) == pytest.approx(
+        memory_plan.PER_FP32_BYTE["parallel"] * MODEL, rel=1e-6)
+
+
+def test_side_by_side_when_it_fits_or_when_nothing_can_be_known() -> None:
+    assert plan(MODEL, True, True, 64 * GIB).parallel and plan(MODEL, True, True, 64 * GIB).note is None
+    assert plan(MODEL, True, True, None).parallel
+    assert not plan(MODEL, False, True, 64 * GIB).parallel  # --sequential stays sequential
+
+
+def test_one_artifact_at_a_time_when_only_that_fits_and_the_user_is_told() -> None:
+    available = (estimated_peak(MODEL, True) + estimated_peak(MODEL, False)) // 2
+    chosen = plan(MODEL, True, True, available)
+    assert not chosen.parallel and chosen.estimated_bytes == estimated_peak(MODEL, False)
+    assert "one artifact at a time" in chosen.note and "GiB available" in chosen.note
+    assert plan(MODEL, True, False, available).parallel  # no litert-torch child: nothing runs side by side
+
+
+def test_an_export_that_cannot_fit_is_refused_with_the_numbers_and_the_way_out() -> None:
+    with pytest.raises(ExportError) as refused:
+        plan(MODEL, True, True, 4 * GIB)
+    message = str(refused.value)
+    assert f"{estimated_peak(MODEL, False) / GIB:.1f} GiB" in message and "4.0 GiB is available" in message
+    assert "--no-memory-check" in message
+
+
+def test_the_export_is_refused_before_the_reference_and_goes_on_when_told_to_ignore_the_estimate(
+        tmp_path: Path, smollm2_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.pipeline import export
+    from exporter.sources import SourceOptions, load_model
+    from exporter.targets import load_target_file
+    from tests.conftest import make_tiny_lm, write_target
+
+    model = load_model(str(make_tiny_lm(tmp_path / "lm", "llama", smollm2_tokenizer_folder)), SourceOptions(context_len=32))
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_PTE))
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda: GIB // 2)
+    with pytest.raises(ExportError, match="--no-memory-check"):
+        export(target, model, tmp_path / "dist")
+    assert not (tmp_path / "dist" / "float" / model.name / "golden.npz").exists()  # no heavy work began
+    with pytest.raises(ExportError, match="--context-len 32 is too short for the parity check's prompts"):
+        export(target, model, tmp_path / "dist", memory_check=False)  # past the memory check: the next one
