@@ -126,7 +126,8 @@ def export(
     plans = [reuse.plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
              for spec in specs]
     # A language model's answers are known now: its weights wait on disk while the builds work on copies.
-    with model.language.reference_parked(folder) if model.language is not None else contextlib.nullcontext():
+    parking = model.language is not None and any(plan.builds for plan in plans)
+    with model.language.reference_parked(folder) if parking else contextlib.nullcontext():
         if parallel and model.language is not None:
             for plan in plans:
                 if plan.spec.format.value == "tflite" and plan.builds:
