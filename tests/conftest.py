@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,8 +134,9 @@ TINY_LM_CONFIGS = {
 }
 
 
-def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path) -> Path:
-    """A random-weight causal LM of the given architecture, saved as a HF folder with a real tokenizer.
+def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path, **overrides: Any) -> Path:
+    """A random-weight causal LM of the given architecture (TINY_LM_CONFIGS, with ``overrides``), saved as a
+    HF folder with a real tokenizer.
 
     initializer_range is large so that next-token distributions are peaked, as in a trained model;
     with the default 0.02 every logit is nearly equal and top-1 is noise.
@@ -146,7 +148,7 @@ def make_tiny_lm(folder: Path, architecture: str, tokenizer_folder: Path) -> Pat
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
     config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), initializer_range=0.2,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  **TINY_LM_CONFIGS[architecture])
+                                  **{**TINY_LM_CONFIGS[architecture], **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

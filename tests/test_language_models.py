@@ -16,6 +16,7 @@ from exporter.sources import SourceOptions, load_model
 from exporter.sources.decoder import SUPPORTED
 from exporter.targets import load_target, load_target_file
 from tests.conftest import TINY_LM_CONFIGS, make_tiny_lm, run_cli, smollm2_gguf, write_target
+from tests.family_gguf import ARCHITECTURES, write_family_gguf
 
 FLOAT_BOTH = """
 [[artifact]]
@@ -213,6 +214,59 @@ def test_unsupported_architecture_lists_supported(tmp_path: Path, smollm2_tokeni
         load_model(str(folder))
     assert "architecture 'opt' is not supported" in str(caught.value)
     assert "llama (Llama (SmolLM/SmolLM2, TinyLlama))" in str(caught.value)
+
+
+# What a GGUF cannot say, transformers takes from the family's defaults, which real checkpoints follow:
+# Qwen3's head size (128), GPT-2's MLP width (4x) and positions (1024), Gemma 3's layer pattern (5 sliding, 1 global).
+GGUF_SHAPES = {"qwen3": {"head_dim": 128}, "gpt2": {"n_inner": None, "n_positions": 1024},
+               "gemma3_text": {"layer_types": None}}
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_a_family_gguf_loads_as_the_checkpoint_it_was_written_from(smollm2_tokenizer_folder: Path, tmp_path: Path,
+                                                                   architecture: str) -> None:
+    """Each family transformers reads from a GGUF, written as llama.cpp's converter writes it: the same
+    architecture and the same logits as its HF folder."""
+    tokenizer_folder = smollm2_tokenizer_folder
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_lm(tmp_path / architecture, architecture, tokenizer_folder, **GGUF_SHAPES.get(architecture, {}))
+    gguf = write_family_gguf(folder, tmp_path / f"tiny-{architecture}.gguf", smollm2_gguf())
+    loaded = load_model(str(gguf), SourceOptions(context_len=128))
+    # llama.cpp writes Mistral as "llama" and transformers reads it so (the same computation without a window)
+    assert loaded.source["kind"] == "gguf"
+    assert loaded.source["architecture"] == ("llama" if architecture == "mistral" else architecture)
+    reference = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 57, 300, 42, 9, 77, 5]])
+    with torch.no_grad():
+        want, got = reference(ids).logits, loaded.language.causal_lm(ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_a_gemma3_gguf_exports_and_generates_like_eager(smollm2_tokenizer_folder: Path, tmp_path: Path) -> None:
+    folder = make_tiny_lm(tmp_path / "gemma3", "gemma3_text", smollm2_tokenizer_folder, **GGUF_SHAPES["gemma3_text"])
+    gguf = write_family_gguf(folder, tmp_path / "tiny-gemma3.gguf", smollm2_gguf())
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    summary = export(target, load_model(str(gguf), SourceOptions(context_len=128)), tmp_path / "dist", only=("pte",))
+    assert summary.ok, [(r.record["name"], r.record.get("failures"), r.record.get("error")) for r in summary.results]
+    assert summary.results[0].record["parity"]["metrics"]["greedy_match"] == 1.0
+
+
+def test_a_gguf_of_a_family_transformers_cannot_read_is_refused_with_what_can(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "phi2.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SourceError) as caught:
+        load_model(str(path))
+    message = str(caught.value)
+    assert "GGUF architecture 'phi2' is not supported" in message and "gemma3" in message
+    assert "export from their HF folder: gpt_neox, phi, smollm3" in message
 
 
 def test_truncated_gguf_is_refused(tmp_path: Path) -> None:

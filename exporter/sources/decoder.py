@@ -26,6 +26,10 @@ from .checkpoint import load_weights_checked, model_name, read_config, read_json
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
              "gpt2": "GPT-2", "phi3": "Phi-3", "phi": "Phi-2/Phi-1.5", "mistral": "Mistral", "smollm3": "SmolLM3",
              "gemma3_text": "Gemma 3 (270M, 1B)", "gpt_neox": "GPT-NeoX/Pythia"}
+# GGUF architecture -> model_type, for the supported families transformers reads from a GGUF (llama.cpp
+# writes Mistral as "llama"; Phi-2, SmolLM3 and GPT-NeoX GGUFs it cannot read: their HF folders export).
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "phi3": "phi3",
+                      "gemma3": "gemma3_text"}
 DEFAULT_CONTEXT = 512
 # GGUF tensor types transformers can dequantise (gguf.GGMLQuantizationType names).
 GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -234,7 +238,11 @@ def _load_gguf(path: Path, options: SourceOptions) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     header = inspect_gguf(path)
-    _check_architecture(header["architecture"], str(path))  # GGUF and HF name these architectures alike
+    if header["architecture"] not in GGUF_ARCHITECTURES:
+        raise SourceError(f"{path}: GGUF architecture '{header['architecture']}' is not supported; edgeship reads "
+                          f"GGUFs of {', '.join(sorted(GGUF_ARCHITECTURES))} (Mistral's are 'llama'); the other "
+                          f"supported families export from their HF folder: "
+                          f"{', '.join(sorted(set(SUPPORTED) - set(GGUF_ARCHITECTURES.values()) - {'mistral'}))}")
     tokenizer = _tokenizer(path.parent, str(path), gguf_file=path.name)
     try:
         causal_lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
