@@ -47,6 +47,9 @@ class Board:
             raise RuntimeError(f"{SSHD} is missing: install openssh-server (make system-packages does)")
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
         config = self.folder / "sshd_config"
+        # SHLVL=1: bash, started by sshd for each command, skips this host user's ~/.bashrc (it reads it only
+        # at shell level 1). A board is a clean machine; a developer's rc files (pyenv's rehash takes a lock
+        # that a board killed mid-command leaves behind, and every later login waits 60 s on it) are not.
         config.write_text(f"""Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {self.folder}/host_ed25519
@@ -58,6 +61,7 @@ UsePAM no
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 LogLevel ERROR
+SetEnv SHLVL=1
 """)
         self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL,
