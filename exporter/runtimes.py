@@ -11,6 +11,7 @@ runner (device_tests/runner.py, the same code a board runs) on the artifact and 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -59,8 +60,19 @@ def python_of(runtime: Runtime) -> Path:
     stamp = folder / INSTALLED
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
-    # Built beside its final place and renamed into it: an interrupted install never looks finished.
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two exports on one machine (or two test workers) build an environment once: the second waits for
+    # the first's lock, then finds it finished.
+    with open(folder.parent / f".{runtime.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
+            _build(runtime, folder, wanted)
+    # venv writes absolute paths into its scripts; the interpreter itself is found relative to pyvenv.cfg
+    return python
+
+
+def _build(runtime: Runtime, folder: Path, wanted: str) -> None:
+    # Built beside its final place and renamed into it: an interrupted install never looks finished.
     building = Path(tempfile.mkdtemp(prefix=f".{runtime.name}-", dir=folder.parent))
     try:
         base = getattr(sys, "_base_executable", sys.executable)
@@ -72,8 +84,6 @@ def python_of(runtime: Runtime) -> Path:
         building.rename(folder)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    # venv writes absolute paths into its scripts; the interpreter itself is found relative to pyvenv.cfg
-    return python
 
 
 def _run(command: list[str], doing: str) -> None:
