@@ -1,5 +1,6 @@
 """Every shipped target exports every kind of model it accepts: a language model, an encoder and a
-vision model from a factory function, each with the target's own thresholds and runtimes."""
+vision model from a factory function, each with the target's own thresholds and runtimes; and every
+encoder family with a head to every format."""
 
 from __future__ import annotations
 
@@ -9,10 +10,36 @@ import pytest
 
 from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
-from exporter.targets import known_targets, load_target
-from tests.conftest import TESTS, make_trained_tiny_lm
+from exporter.targets import known_targets, load_target, load_target_file
+from tests.conftest import TESTS, make_trained_tiny_lm, write_target
+from tests.encoder_families import ENCODER_CONFIGS, HEADS, make_tiny_encoder
 
 KINDS = ("language", "encoder", "vision")
+HEADED = [head for head in HEADS if head != "features"]
+# The shipped targets' encoder recipes in one export: android's int8 .pte and .tflite, the iPhone's .mlpackage.
+EVERY_FORMAT = """
+[[artifact]]
+format = "pte"
+quant = "int8-dynamic"
+[artifact.parity]
+min_cosine = 0.99
+min_top1 = 0.9
+[[artifact]]
+format = "tflite"
+quant = "int8-dynamic"
+[artifact.parity]
+min_cosine = 0.99
+min_top1 = 0.9
+[[artifact]]
+format = "mlpackage"
+quant = "int8-weight"
+group_size = 32
+compute_precision = "fp16"
+deployment_target = "iOS18"
+[artifact.parity]
+min_cosine = 0.99
+min_top1 = 0.9
+"""
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +72,24 @@ def test_every_target_exports_every_kind_of_model(sources: dict, dist: Path, kin
     for result in summary.results:
         record = result.record
         assert result.ok, (target_name, record["name"], record.get("error"), record.get("failures"))
+
+
+@pytest.mark.parametrize("family", list(ENCODER_CONFIGS))
+def test_every_encoder_family_exports_with_a_head_to_every_format(tmp_path: Path, family: str) -> None:
+    """Each family wears another head (tests/test_sources.py loads every family with every head against eager)."""
+    head = HEADED[list(ENCODER_CONFIGS).index(family) % len(HEADED)]
+    folder = make_tiny_encoder(tmp_path / f"{family}-{head}", family, head)
+    target = load_target_file(write_target(tmp_path, "every-format", EVERY_FORMAT))
+    model = load_model(str(folder), SourceOptions(seq_len=16))
+    summary = export(target, model, tmp_path / "dist")
+    assert {r.spec.format.value for r in summary.results} == {"pte", "tflite", "mlpackage"}
+    for result in summary.results:
+        record = result.record
+        if (family, head, result.spec.format.value) == ("mobilebert", "masked-lm", "pte"):
+            # A known limit, said so: MobileBERT's masked-LM head multiplies by its decoder's weight matrix
+            # directly, which the int8 linear that replaces the decoder does not hold.
+            assert result.status == "error" and "torch.export of the quantised model failed" in record["error"]
+            continue
+        assert result.ok, (family, head, record["name"], record.get("error"), record.get("failures"))
+        if result.status == "passed":
+            assert record["parity"]["metrics"]["top1"] >= 0.9, (record["name"], record["parity"]["metrics"])

@@ -9,6 +9,7 @@ import torch
 from exporter.errors import SourceError
 from exporter.sources import SourceOptions, load_model
 from tests.conftest import TESTS
+from tests.encoder_families import ENCODER_CONFIGS, HEADS, make_tiny_encoder
 
 
 def test_factory_from_file_names_inputs_and_outputs() -> None:
@@ -67,6 +68,32 @@ def test_hf_classifier_uses_the_tokenizer_and_marks_logits(bert_classifier: Path
     assert model.padding_mask == "attention_mask"
     assert model.sample_inputs[0].shape == (1, 16)
     assert model.sample_inputs[0][0, 0] == 2  # [CLS] from the real tokenizer
+
+
+OUTPUTS = {"features": ("last_hidden_state",), "masked-lm": ("logits",), "sequence-classification": ("logits",),
+           "token-classification": ("logits",), "question-answering": ("start_logits", "end_logits")}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("family", list(ENCODER_CONFIGS))
+def test_every_encoder_family_loads_with_its_head_and_computes_what_transformers_computes(
+        tmp_path: Path, family: str, head: str) -> None:
+    import transformers
+
+    folder = make_tiny_encoder(tmp_path / "encoder", family, head)
+    model = load_model(str(folder), SourceOptions(seq_len=16))
+    assert model.output_names[:len(OUTPUTS[head])] == OUTPUTS[head]  # BERT-likes add a pooler_output to features
+    assert model.logits_outputs == {n for n in OUTPUTS[head] if n.endswith("logits")}
+    # DistilBERT takes no token_type_ids (the WordPiece tokenizer returns them): only what the forward takes
+    assert model.input_names == (("input_ids", "attention_mask") if family == "distilbert" else
+                                 ("input_ids", "attention_mask", "token_type_ids"))
+    ids, mask, *rest = (t.clone() for t in model.sample_inputs)
+    mask[:, 6:] = 0  # padded, as an app's batch is
+    eager = getattr(transformers, HEADS[head]).from_pretrained(str(folder)).eval()
+    want = eager(input_ids=ids, attention_mask=mask, **dict(zip(["token_type_ids"], rest)))
+    got = model.module(ids, mask, *rest)
+    for name, value in zip(model.output_names, got):
+        torch.testing.assert_close(value, want[name], atol=1e-5, rtol=1e-5)
 
 
 def test_sentence_transformers_folder_exports_pooled_embeddings(bert_sentence: Path) -> None:
@@ -129,3 +156,14 @@ def test_corrupt_pt2_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not a zip archive")
     with pytest.raises(SourceError, match="not a readable torch.export program"):
         load_model(str(path))
+
+
+def test_an_encoder_head_edgeship_does_not_export_is_refused_naming_those_it_does(tmp_path: Path) -> None:
+    import json
+
+    folder = make_tiny_encoder(tmp_path / "encoder", "bert", "features")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMultipleChoice"]}))
+    with pytest.raises(SourceError, match="architecture BertForMultipleChoice is not supported; .*\\*ForMaskedLM, "
+                                          "\\*ForSequenceClassification, \\*ForTokenClassification"):
+        load_model(str(folder))

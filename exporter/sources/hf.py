@@ -1,6 +1,7 @@
 """Local Hugging Face checkpoint folders.
 
-Encoders (feature extraction, sentence embeddings, sequence classification) are handled here;
+Encoders (feature extraction, sentence embeddings, and the masked-LM, sequence and token classification and
+question-answering heads) are handled here;
 decoder-only language models go to ``decoder``. The task comes from the config's architectures.
 """
 
@@ -27,19 +28,44 @@ SAMPLE_TEXTS = (
     "Paris is the capital and largest city of France.",
     "Please turn off the lights when you leave the room.",
 )
+# An encoder checkpoint's architecture ends with the head it was trained with; it is exported with that head,
+# its outputs named as transformers names them.
+ENCODER_TASKS = {
+    "Model": "feature-extraction",
+    "ForMaskedLM": "fill-mask",
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+}
+
+
 def infer_task(config: dict[str, Any], folder: Path) -> str:
     architectures = config.get("architectures") or []
     arch = architectures[0] if architectures else ""
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "text-generation"
-    if arch.endswith("ForSequenceClassification"):
-        return "text-classification"
-    if arch.endswith("Model") or arch.endswith("ForMaskedLM") or not arch:
+    if not arch:
         return "feature-extraction"
+    for head, task in ENCODER_TASKS.items():
+        if arch.endswith(head):
+            return task
     raise SourceError(
-        f"{folder}: architecture {arch} is not supported; edgeship exports encoders for feature extraction "
-        "and sequence classification, and decoder-only causal language models"
+        f"{folder}: architecture {arch} is not supported; edgeship exports encoders as *Model (features) or with "
+        f"one of the heads {', '.join('*' + h for h in ENCODER_TASKS if h != 'Model')}, and decoder-only causal "
+        "language models (*ForCausalLM)"
     )
+
+
+def _encoder_loader(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, {
+        "feature-extraction": "AutoModel",
+        "fill-mask": "AutoModelForMaskedLM",
+        "text-classification": "AutoModelForSequenceClassification",
+        "token-classification": "AutoModelForTokenClassification",
+        "question-answering": "AutoModelForQuestionAnswering",
+    }[task])
 
 
 class MeanPooling(nn.Module):
@@ -133,9 +159,7 @@ def load(folder: Path, options: SourceOptions) -> LoadedModel:
 
 
 def load_encoder(folder: Path, config: dict[str, Any], task: str, options: SourceOptions) -> LoadedModel:
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    loader = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    loader = _encoder_loader(task)
     pooling, normalize = _sentence_pooling(folder) if task == "feature-extraction" else (False, False)
     model = load_weights_checked(loader, folder)
     model.eval().requires_grad_(False)
@@ -149,6 +173,8 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
     # The artifacts take their inputs in the order of the model's own forward (input_ids, attention_mask,
     # token_type_ids for BERT), which is what an app developer reading the model card feeds; the tokenizer
     # returns them in another order.
+    # Inputs the forward does not take (DistilBERT has no token_type_ids, a BERT tokenizer returns them) are
+    # dropped.
     forward_order = list(inspect.signature(model.forward).parameters)
 
     def make_inputs(seed: int) -> dict[str, torch.Tensor]:
@@ -160,7 +186,7 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
             generator = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, vocab, (options.batch_size, seq_len), generator=generator)
             found = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        return {k: found[k] for k in sorted(found, key=lambda k: forward_order.index(k) if k in forward_order else 99)}
+        return {k: found[k] for k in sorted((k for k in found if k in forward_order), key=forward_order.index)}
 
     sample = make_inputs(0)
     encoder = _with_broadcast_mask(model, sample)
@@ -173,7 +199,7 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
                 "architecture": (config.get("architectures") or ["?"])[0], "seq_len": seq_len,
                 "tokenizer": tokenizer is not None},
         fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size), ",".join(names)),
-        logits_outputs=frozenset(n for n in outputs if n == "logits"),
+        logits_outputs=frozenset(n for n in outputs if n.endswith("logits")),  # QA: start_, end_logits
         padding_mask="attention_mask" if "attention_mask" in names else None,
         make_inputs=lambda seed: tuple(make_inputs(seed).values()),
     )
