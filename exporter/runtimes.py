@@ -58,14 +58,18 @@ def python_of(runtime: Runtime) -> Path:
     python = folder / "bin" / "python"
     wanted = "\n".join(runtime.requirements) + "\n"
     stamp = folder / INSTALLED
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+
+    def finished() -> bool:
+        return python.exists() and stamp.exists() and stamp.read_text() == wanted
+
+    if finished():
         return python
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Two exports on one machine (or two test workers) build an environment once: the second waits for
+    # Two processes on one machine (two exports, two tests) build an environment once: the second waits for
     # the first's lock, then finds it finished.
     with open(folder.parent / f".{runtime.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
+        if not finished():
             _build(runtime, folder, wanted)
     # venv writes absolute paths into its scripts; the interpreter itself is found relative to pyvenv.cfg
     return python

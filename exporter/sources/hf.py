@@ -29,13 +29,13 @@ SAMPLE_TEXTS = (
     "Please turn off the lights when you leave the room.",
 )
 # An encoder checkpoint's architecture ends with the head it was trained with; it is exported with that head,
-# its outputs named as transformers names them.
-ENCODER_TASKS = {
-    "Model": "feature-extraction",
-    "ForMaskedLM": "fill-mask",
-    "ForSequenceClassification": "text-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
+# its outputs named as transformers names them. Suffix -> (task, transformers' loader).
+ENCODER_HEADS = {
+    "Model": ("feature-extraction", "AutoModel"),
+    "ForMaskedLM": ("fill-mask", "AutoModelForMaskedLM"),
+    "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
+    "ForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
+    "ForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering"),
 }
 
 
@@ -46,12 +46,12 @@ def infer_task(config: dict[str, Any], folder: Path) -> str:
         return "text-generation"
     if not arch:
         return "feature-extraction"
-    for head, task in ENCODER_TASKS.items():
+    for head, (task, _) in ENCODER_HEADS.items():
         if arch.endswith(head):
             return task
     raise SourceError(
         f"{folder}: architecture {arch} is not supported; edgeship exports encoders as *Model (features) or with "
-        f"one of the heads {', '.join('*' + h for h in ENCODER_TASKS if h != 'Model')}, and decoder-only causal "
+        f"one of the heads {', '.join('*' + h for h in ENCODER_HEADS if h != 'Model')}, and decoder-only causal "
         "language models (*ForCausalLM)"
     )
 
@@ -59,13 +59,7 @@ def infer_task(config: dict[str, Any], folder: Path) -> str:
 def _encoder_loader(task: str) -> Any:
     import transformers
 
-    return getattr(transformers, {
-        "feature-extraction": "AutoModel",
-        "fill-mask": "AutoModelForMaskedLM",
-        "text-classification": "AutoModelForSequenceClassification",
-        "token-classification": "AutoModelForTokenClassification",
-        "question-answering": "AutoModelForQuestionAnswering",
-    }[task])
+    return getattr(transformers, next(loader for named, loader in ENCODER_HEADS.values() if named == task))
 
 
 class MeanPooling(nn.Module):
