@@ -212,25 +212,64 @@ def make_trained_tiny_gguf(path: Path, tokenizer_folder: Path) -> Path:
                           eps=config.rms_norm_eps)
 
 
-def export_tiny_lm_pte(root: Path, tokenizer_folder: Path) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, exported to an fp32 .pte (greedy answers exact): the
-    language-model export the fake-device tests run."""
-    from exporter.pipeline import export
-    from exporter.sources import SourceOptions, load_model
-    from exporter.targets import load_target_file
-
-    target = load_target_file(write_target(root, "lm-pte", """
+LM_PTE_FP32 = """
 [[artifact]]
 format = "pte"
 quant = "fp32"
 [artifact.parity]
 min_token_agreement = 0.99
 min_greedy_match = 1.0
-"""))
+"""
+FLOAT_BOTH = """
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+max_mean_kl = 0.001
+min_greedy_match = 1.0
+[[artifact]]
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+max_mean_kl = 0.001
+min_greedy_match = 1.0
+"""
+
+
+def export_tiny_lm(root: Path, tokenizer_folder: Path, artifacts: str) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, exported with fp32 artifacts (greedy answers exact)."""
+    from exporter.pipeline import export
+    from exporter.sources import SourceOptions, load_model
+    from exporter.targets import load_target_file
+
+    target = load_target_file(write_target(root, "lm-fp32", artifacts))
     model = load_model(str(make_tiny_lm(root / "tiny-llama", "llama", tokenizer_folder)), SourceOptions(context_len=128))
     summary = export(target, model, root / "lm-dist")
-    assert summary.ok, [r.record.get("failures") for r in summary.results]
+    assert summary.ok, [r.record.get("failures") or r.record.get("error") for r in summary.results]
     return summary.folder
+
+
+# Exporting a tiny LM lowers it through XNNPACK (most of a minute), so the tests that only read an export share
+# one per session. Each test works on its own copy (copy_export): some break files or add folders on purpose.
+@pytest.fixture(scope="session")
+def shared_tiny_lm_pte(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder: Path) -> Path:
+    """The fp32 .pte the fake-device tests run."""
+    return export_tiny_lm(tmp_path_factory.mktemp("lm-pte"), smollm2_tokenizer_folder, LM_PTE_FP32)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_lm_float(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder: Path) -> Path:
+    """fp32 .pte and .tflite (with its .litertlm), for bench, validate and the bundle's layout."""
+    return export_tiny_lm(tmp_path_factory.mktemp("lm-float"), smollm2_tokenizer_folder, FLOAT_BOTH)
+
+
+def copy_export(folder: Path, root: Path) -> Path:
+    """A private copy of a shared export folder under ``root``, under the same folder name."""
+    import shutil
+
+    return Path(shutil.copytree(folder, root / "copied-export" / folder.name))
 
 
 def make_tiny_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,

@@ -26,7 +26,7 @@ from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
 from device_tests.loopback import keygen, make_board
-from tests.conftest import MLP, export_tiny_lm_pte, needs_sshd
+from tests.conftest import MLP, copy_export, needs_sshd
 
 FAKES = Path(__file__).parent / "fakes"
 
@@ -283,8 +283,8 @@ def test_fake_phone_attached_to_a_lab_host_reached_over_real_ssh(phones: dict) -
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_export(phones: dict, smollm2_tokenizer_folder: Path) -> Path:
-    return export_tiny_lm_pte(phones["root"], smollm2_tokenizer_folder)
+def tiny_lm_export(phones: dict, shared_tiny_lm_pte: Path) -> Path:
+    return copy_export(shared_tiny_lm_pte, phones["root"])
 
 
 def test_fake_phone_generates_with_llama_main_and_its_answers_are_compared_on_the_host(

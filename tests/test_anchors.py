@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from exporter import anchors, files, lm_parity
-from tests.conftest import ROOT, export_tiny_lm_pte, make_tiny_gguf, make_tiny_lm, run_cli
+from tests.conftest import ROOT, copy_export, make_tiny_gguf, make_tiny_lm, run_cli
 
 VOCAB, DIM, MAX_SEQ = 40, 16, 64
 
@@ -197,9 +197,8 @@ def test_make_bench_needs_the_optimum_environment_only_with_anchors(tmp_path: Pa
     assert f"EDGESHIP_OPTIMUM_PYTHON={venv}/bin/python" in with_anchors and "--anchors" in with_anchors
 
 
-def test_bench_without_anchors_never_touches_the_optimum_environment(
-        tmp_path: Path, smollm2_tokenizer_folder: Path) -> None:
-    folder = export_tiny_lm_pte(tmp_path, smollm2_tokenizer_folder)
+def test_bench_without_anchors_never_touches_the_optimum_environment(tmp_path: Path, shared_tiny_lm_pte: Path) -> None:
+    folder = copy_export(shared_tiny_lm_pte, tmp_path)
     calls = tmp_path / "calls.txt"
     env = {**os.environ, "EDGESHIP_OPTIMUM_PYTHON": str(fake_optimum_python(tmp_path / "venv", calls))}
 

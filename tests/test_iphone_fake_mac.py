@@ -26,7 +26,7 @@ from exporter.pipeline import export
 from exporter.sources import load_model
 from exporter.targets import load_target
 from device_tests.loopback import keygen, make_board
-from tests.conftest import MLP, export_tiny_lm_pte
+from tests.conftest import MLP, copy_export
 
 FAKES = Path(__file__).parent / "fakes"
 UDID = "00008110-001A2B3C4D5E6F7A"
@@ -149,7 +149,7 @@ def test_deadline_without_coreutils_timeout_kills_the_whole_command_as_on_a_mac(
 
 
 @pytest.fixture(scope="module")
-def fake_mac(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder: Path):
+def fake_mac(tmp_path_factory: pytest.TempPathFactory, shared_tiny_lm_pte: Path):
     """A real sshd on loopback playing the Mac, a fake xcodebuild on it (see the module docstring), an
     ExecuTorch checkout's Benchmark app folder, and the exports to run."""
     if not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"):  # under CI: make_board fails, naming it
@@ -169,7 +169,7 @@ def fake_mac(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder:
     tensors = export(load_target("raspberry-pi"), load_model(MLP), root / "dist")
     assert tensors.ok
     yield {"root": root, "board": board, "xcodebuild": str(tool), "known_hosts": known_hosts,
-           "tensor_export": tensors.folder, "lm_export": export_tiny_lm_pte(root, smollm2_tokenizer_folder)}
+           "tensor_export": tensors.folder, "lm_export": copy_export(shared_tiny_lm_pte, root)}
     board.stop()
 
 

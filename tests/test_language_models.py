@@ -15,25 +15,10 @@ from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.sources.decoder import SUPPORTED
 from exporter.targets import load_target, load_target_file
-from tests.conftest import TINY_LM_CONFIGS, make_tiny_lm, run_cli, smollm2_gguf, write_target
+from tests.conftest import (FLOAT_BOTH, TINY_LM_CONFIGS, copy_export, make_tiny_lm, run_cli, smollm2_gguf,
+                            write_target)
 from tests.family_gguf import ARCHITECTURES, write_family_gguf
 
-FLOAT_BOTH = """
-[[artifact]]
-format = "pte"
-quant = "fp32"
-[artifact.parity]
-min_token_agreement = 0.99
-max_mean_kl = 0.001
-min_greedy_match = 1.0
-[[artifact]]
-format = "tflite"
-quant = "fp32"
-[artifact.parity]
-min_token_agreement = 0.99
-max_mean_kl = 0.001
-min_greedy_match = 1.0
-"""
 # Every format: the .mlpackage is built and its structure checked (its numerics need a Mac).
 FLOAT_ALL = FLOAT_BOTH + """
 [[artifact]]
@@ -153,15 +138,13 @@ max_mean_kl = 0.1
     assert record["details"]["smoothing"] == {"alpha": 0.5, "rescaled_linears": 2 * 6 + 1}
 
 
-def test_bundle_is_app_ready(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
-    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
-    summary = export(target, load_model(str(tiny_lms["qwen2"]), SourceOptions(context_len=64)), tmp_path / "dist")
-    folder = summary.folder
+def test_bundle_is_app_ready(shared_tiny_lm_float: Path) -> None:
+    folder = shared_tiny_lm_float
     for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "golden.npz", "manifest.json",
                  "xnnpack-fp32.pte", "litert-fp32.tflite", "litert-fp32.litertlm"):
         assert (folder / name).is_file(), name
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation["context_length"] == 64 and generation["eos_token_ids"]
+    assert generation["context_length"] == 128 and generation["eos_token_ids"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["golden"]["kind"] == "language-model"
     companion = manifest["artifacts"][1]["companions"][0]
@@ -308,14 +291,12 @@ def test_default_model_exports_for_android_and_answers_through_both_runtimes(tmp
     assert "Tokyo" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
 
 
-def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_path: Path,
+def test_bench_times_every_artifact_beside_eager(shared_tiny_lm_float: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from exporter.bench import bench, render
 
     monkeypatch.setenv("EDGESHIP_LITERTLM_PYTHON", str(tmp_path / "no-litert-lm"))  # the next test covers it
-    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
-    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
-    result = bench(summary.folder, runs=1)
+    result = bench(copy_export(shared_tiny_lm_float, tmp_path), runs=1)
     rows = {row["engine"]: row for row in result["rows"]}
     # the .pte twice: stepped from Python like the parity check, and in ExecuTorch's own C++ generation loop
     assert set(rows) == {"eager", "xnnpack-fp32", "xnnpack-fp32 (ExecuTorch runner)", "litert-fp32"}
@@ -326,7 +307,7 @@ def test_bench_times_every_artifact_beside_eager(tiny_lms: dict[str, Path], tmp_
     assert "xnnpack-fp32 |" in render(result)
 
 
-def test_litertlm_bundle_runs_unchanged_in_the_litert_lm_engine(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+def test_litertlm_bundle_runs_unchanged_in_the_litert_lm_engine(shared_tiny_lm_float: Path, tmp_path: Path) -> None:
     """The .litertlm is loaded and timed by LiteRT-LM's own engine (litert-lm-api, its own venv)."""
     from exporter.bench import bench, litertlm_python
 
@@ -334,9 +315,7 @@ def test_litertlm_bundle_runs_unchanged_in_the_litert_lm_engine(tiny_lms: dict[s
         if os.environ.get("CI"):
             pytest.fail("CI must have LiteRT-LM's environment: make test creates .venv-litertlm")
         pytest.skip("no .venv-litertlm (make test creates it)")
-    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
-    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
-    rows = {row["engine"]: row for row in bench(summary.folder, runs=1)["rows"]}
+    rows = {row["engine"]: row for row in bench(copy_export(shared_tiny_lm_float, tmp_path), runs=1)["rows"]}
     engine = rows["litert-fp32.litertlm (LiteRT-LM)"]
     assert "error" not in engine, engine
     assert engine["decode_tokens_per_s"] > 0 and engine["prefill_tokens_per_s"] > 0 and engine["load_s"] > 0
@@ -422,19 +401,19 @@ min_token_agreement = 0.9
     assert refused.results[0].status == "error" and "needs deployment_target = \"iOS18\"" in refused.results[0].record["error"]
 
 
-def test_validate_replays_a_language_model_folder_from_its_golden_file(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
+def test_validate_replays_a_language_model_folder_from_its_golden_file(shared_tiny_lm_float: Path,
+                                                                      tmp_path: Path) -> None:
     """`edgeship validate` re-checks an LM export without the model (as on a Mac): golden top-32 and greedy."""
-    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
-    summary = export(target, load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128)), tmp_path / "dist")
-    done = run_cli("validate", str(summary.folder))
+    folder = copy_export(shared_tiny_lm_float, tmp_path)
+    done = run_cli("validate", str(folder))
     assert done.returncode == 0, done.stderr
-    records = {r["name"]: r for r in json.loads((summary.folder / "manifest.json").read_text())["artifacts"]}
+    records = {r["name"]: r for r in json.loads((folder / "manifest.json").read_text())["artifacts"]}
     for name in ("xnnpack-fp32", "litert-fp32"):
         metrics = records[name]["parity"]["metrics"]
         assert metrics["token_agreement"] == 1.0 and metrics["greedy_match"] == 1.0, (name, metrics)
         assert metrics["kl_top32"] < 1e-3 and "mean_kl" not in metrics  # a lower bound is never judged as KL
-    (summary.folder / "xnnpack-fp32.pte").write_bytes(b"broken")
-    assert run_cli("validate", str(summary.folder)).returncode == 1
+    (folder / "xnnpack-fp32.pte").write_bytes(b"broken")
+    assert run_cli("validate", str(folder)).returncode == 1
 
 
 TIED = """
