@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.quant import IMPLEMENTATIONS, SCHEMES, library_config, plan_layers
+from exporter.quant import IMPLEMENTATIONS, SCHEMES, library_config, linears_not_called, plan_layers
 from tests.models import Mlp
 
 
@@ -23,6 +23,22 @@ def test_plan_honours_skip_layers() -> None:
 
 def test_float_schemes_quantise_nothing() -> None:
     assert not any(d.quantised for d in plan_layers(Mlp(), SCHEMES["fp32"], None))
+
+
+def test_a_linear_whose_weight_is_read_directly_is_found_and_hooks_are_removed() -> None:
+    import torch
+
+    class ReadsWeight(torch.nn.Module):  # as MobileBERT's masked-LM head reads its decoder
+        def __init__(self) -> None:
+            super().__init__()
+            self.called, self.decoder = torch.nn.Linear(4, 4), torch.nn.Linear(4, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.called(x) @ self.decoder.weight.t()
+
+    module = ReadsWeight()
+    assert linears_not_called(module, (torch.ones(2, 4),)) == {"decoder"}
+    assert not module.called._forward_pre_hooks and not module.decoder._forward_pre_hooks
 
 
 @pytest.mark.parametrize(("fmt", "scheme"), sorted(IMPLEMENTATIONS))

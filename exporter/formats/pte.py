@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import ConversionError
-from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
+from ..quant import SCHEMES, LayerDecision, confirm, library_config, linears_not_called, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from ..heap import return_freed_memory
@@ -26,12 +26,19 @@ from .xnnpack_linears import retrace_friendly
 _OP_PATTERN = re.compile(r"\baten(?:::|\.)\w+(?:\.\w+)?|\b[a-z_][a-z0-9_]*::\w+")
 
 
-def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = False) -> tuple[torch.nn.Module, list[LayerDecision]]:
-    """Apply the target's scheme with torchao to a copy of the module, following the layer plan."""
+def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = False,
+             sample_inputs: tuple[Any, ...] | None = None) -> tuple[torch.nn.Module, list[LayerDecision]]:
+    """Apply the target's scheme with torchao to a copy of the module, following the layer plan. With
+    ``sample_inputs``, a linear the forward never calls keeps its float weight: torchao's quantised weight
+    serves only the linear's own call, and the graph reading the weight directly would not export."""
     scheme = SCHEMES[spec.quant]
     plan = plan_layers(source, scheme, spec.group_size, spec.skip_layers)
     if scheme.weight_bits is None:
         return source, plan
+    if sample_inputs is not None:
+        read_directly = linears_not_called(source, sample_inputs)
+        plan = [LayerDecision(d.name, d.kind, d.shape, False, "its weight is read directly, not called as a layer")
+                if d.quantised and d.name in read_directly else d for d in plan]
     from torchao.quantization import quantize_
 
     module = source if in_place else copy.deepcopy(source)
@@ -162,7 +169,8 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
         return build_decoder(model, spec, destination)
     assert program is not None  # the pipeline traces once for every non-language model
     # No GGUF blocks to carry outside a language model: every linear is one the recipe re-quantises.
-    module, layers = quantise(model.module, _with_scheme(spec, spec.requantise, []) if spec.requantise else spec)
+    module, layers = quantise(model.module, _with_scheme(spec, spec.requantise, []) if spec.requantise else spec,
+                              sample_inputs=model.sample_inputs)
     if module is not model.module:
         if spec.backend == "xnnpack":
             retrace_friendly(module)
