@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "6"
+RUNNER_VERSION = "7"
 
 
 def _import(name):
@@ -203,15 +203,43 @@ def coreml_lm_stepper(path):
     return step
 
 
+def load_executorch_runtime():
+    """ExecuTorch's runtime and the kernels LLM programs use, without its compiler. The Python bindings
+    import ``executorch.exir._warnings``, and importing that package's ``__init__`` loads the whole
+    ahead-of-time stack (torch._dynamo, inductor): most of a program's load time on a small board, and
+    memory the measured RSS would count. A bare package stands in for ``executorch.exir`` while the
+    bindings load, so only that one small module is read. The custom-op and quantized kernel libraries are
+    then loaded as ExecuTorch's own Python modules load them, minus their compiler-side registrations."""
+    import glob
+    import importlib.util
+    import types
+
+    import torch
+
+    package = list(importlib.util.find_spec("executorch").submodule_search_locations)[0]  # a namespace package
+    if "executorch.extension.pybindings.portable_lib" not in sys.modules and "executorch.exir" not in sys.modules:
+        bare = types.ModuleType("executorch.exir")
+        bare.__path__ = [os.path.join(package, "exir")]
+        sys.modules["executorch.exir"] = bare
+        try:
+            import executorch.extension.pybindings.portable_lib  # noqa: F401
+        finally:
+            del sys.modules["executorch.exir"]  # a later real import runs the package as usual
+    from executorch.runtime import Runtime
+
+    for pattern in ("extension/llm/custom_ops/*custom_ops_aot_lib.*", "kernels/quantized/*quantized_ops_aot_lib.*"):
+        for library in glob.glob(os.path.join(package, pattern)):
+            if os.path.realpath(library) not in {os.path.realpath(p) for p in torch.ops.loaded_libraries}:
+                torch.ops.load_library(library)
+    return Runtime.get()
+
+
 def pte_method(path):
     """The program's forward method (with its .ptd, if one lies beside it), the kernels LLM programs use
     registered first."""
-    from executorch.runtime import Runtime
-
-    for extension in ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized"):
-        _import(extension)
+    runtime = load_executorch_runtime()
     data = os.path.splitext(path)[0] + ".ptd"  # constants kept outside the program (a tied table), pushed beside it
-    return Runtime.get().load_program(path, data_path=data if os.path.isfile(data) else None).load_method("forward")
+    return runtime.load_program(path, data_path=data if os.path.isfile(data) else None).load_method("forward")
 
 
 def pte_runner(path):

@@ -371,3 +371,18 @@ def test_a_folder_artifact_is_pushed_as_one_archive_and_skipped_when_intact(lab:
         assert not Path(remote + ".tar").exists() and not (Path(remote) / "stale-partial-file").exists()
     finally:
         device.close()
+
+
+def test_the_runner_loads_executorch_without_its_compiler(shared_tiny_lm_pte: Path) -> None:
+    """A board loads ExecuTorch's runtime and LLM kernels only: the compiler's import (torch's dynamo and
+    inductor) is most of the load time on a small board and would count in its measured memory."""
+    program = shared_tiny_lm_pte / "xnnpack-fp32.pte"
+    code = ("import json, sys; from device_tests.runner import pte_lm_stepper; step = pte_lm_stepper(sys.argv[1]); "
+            "logits = step([1, 2, 3], 0); print(json.dumps([len(logits), float(abs(logits).sum()), "
+            "sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', 'executorch.exir')))]))")
+    done = subprocess.run([sys.executable, "-c", code, str(program)], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    vocabulary, magnitude, compiler = json.loads(done.stdout.strip().splitlines()[-1])
+    assert vocabulary == 49152 and magnitude > 0  # SmolLM2's vocabulary, real logits through the custom SDPA op
+    assert compiler == ["executorch.exir._warnings"]
