@@ -105,9 +105,12 @@ def attach_kv_caches(causal_lm: nn.Module, attention_name: str, max_context: int
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    shape = (1, kv_heads, max_context, head_dim) if heads_first else (1, max_context, kv_heads, head_dim)
     step = _Step()
     for attention in attention_modules(causal_lm):
+        # A structurally pruned checkpoint has fewer key/value heads in some layers: its key projection says.
+        key = getattr(attention, "k_proj", None)
+        heads_here = key.out_features // head_dim if isinstance(key, nn.Linear) else kv_heads
+        shape = (1, heads_here, max_context, head_dim) if heads_first else (1, max_context, heads_here, head_dim)
         attention.edgeship_step = step
         attention.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         attention.register_buffer("v_cache", torch.zeros(shape), persistent=False)

@@ -94,3 +94,18 @@ def test_every_encoder_family_exports_with_a_head_to_every_format(tmp_path: Path
         assert result.ok, (family, head, record["name"], record.get("error"), record.get("failures"))
         if result.status == "passed":
             assert record["parity"]["metrics"]["top1"] >= 0.9, (record["name"], record["parity"]["metrics"])
+
+
+def test_a_structurally_pruned_encoder_exports_to_every_format(tmp_path: Path) -> None:
+    """Layers of different widths (heads and MLP neurons pruned per layer) through the shipped recipes."""
+    from tests.pruning import make_pruned_bert
+
+    folder, _ = make_pruned_bert(tmp_path)
+    target = load_target_file(write_target(tmp_path, "every-format", EVERY_FORMAT))
+    summary = export(target, load_model(str(folder), SourceOptions(seq_len=16)), tmp_path / "dist")
+    assert [r.status for r in summary.results] == ["passed", "passed", "pending-mac"], \
+        [(r.record["name"], r.record.get("error"), r.record.get("failures")) for r in summary.results]
+    pte = summary.results[0].record
+    widths = {d["layer"]: d["shape"] for d in pte["quantisation"]["layers"]}
+    assert widths["encoder.bert.encoder.layer.0.intermediate.dense"] == [40, 32]
+    assert widths["encoder.bert.encoder.layer.1.intermediate.dense"] == [24, 32]

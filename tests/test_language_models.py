@@ -291,6 +291,22 @@ def test_default_model_exports_for_android_and_answers_through_both_runtimes(tmp
     assert "Tokyo" in tflite["generations"][0]  # greedy answer through the LiteRT interpreter
 
 
+def test_a_structurally_pruned_language_model_exports_and_generates_like_eager(
+        smollm2_tokenizer_folder: Path, tmp_path: Path) -> None:
+    """Layers with their own key/value head counts and MLP widths: the .pte's KV cache follows each layer's
+    width; litert-torch builds the model from its config, so the .tflite is refused naming why."""
+    from tests.pruning import make_pruned_llama
+
+    folder, _ = make_pruned_llama(tmp_path, smollm2_tokenizer_folder)
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_ALL))
+    summary = export(target, load_model(str(folder), SourceOptions(context_len=128)), tmp_path / "dist")
+    pte, tflite, mlpackage = (r.record for r in summary.results)
+    assert summary.results[0].status == "passed", (pte.get("error"), pte.get("failures"))
+    assert pte["parity"]["metrics"]["greedy_match"] == 1.0 and pte["parity"]["metrics"]["token_agreement"] == 1.0
+    assert summary.results[1].status == "error" and "structurally pruned checkpoint has 10 linear layers" in tflite["error"]
+    assert summary.results[2].status == "pending-mac", mlpackage.get("error")
+
+
 def test_bench_times_every_artifact_beside_eager(shared_tiny_lm_float: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from exporter.bench import bench, render

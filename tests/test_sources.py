@@ -10,6 +10,7 @@ from exporter.errors import SourceError
 from exporter.sources import SourceOptions, load_model
 from tests.conftest import TESTS
 from tests.encoder_families import ENCODER_CONFIGS, HEADS, make_tiny_encoder
+from tests.pruning import make_pruned_bert, make_pruned_llama
 
 
 def test_factory_from_file_names_inputs_and_outputs() -> None:
@@ -167,3 +168,42 @@ def test_an_encoder_head_edgeship_does_not_export_is_refused_naming_those_it_doe
     with pytest.raises(SourceError, match="architecture BertForMultipleChoice is not supported; .*\\*ForMaskedLM, "
                                           "\\*ForSequenceClassification, \\*ForTokenClassification"):
         load_model(str(folder))
+
+
+def test_a_structurally_pruned_encoder_loads_with_each_layers_own_width(tmp_path: Path) -> None:
+    folder, pruned = make_pruned_bert(tmp_path)
+    model = load_model(str(folder), SourceOptions(seq_len=16))
+    assert model.source["pruned_linears"] == ["bert.encoder.layer.0.attention.self.query",
+                                              "bert.encoder.layer.0.attention.self.key",
+                                              "bert.encoder.layer.0.attention.self.value",
+                                              "bert.encoder.layer.0.attention.output.dense",
+                                              "bert.encoder.layer.0.intermediate.dense",
+                                              "bert.encoder.layer.0.output.dense",
+                                              "bert.encoder.layer.1.intermediate.dense",
+                                              "bert.encoder.layer.1.output.dense"]
+    ids, mask, types = model.sample_inputs
+    want = pruned(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    torch.testing.assert_close(model.module(ids, mask, types)[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_structurally_pruned_decoder_loads_with_each_layers_own_width(tmp_path: Path,
+                                                                       smollm2_tokenizer_folder: Path) -> None:
+    folder, pruned = make_pruned_llama(tmp_path, smollm2_tokenizer_folder)
+    model = load_model(str(folder), SourceOptions(context_len=64))
+    assert len(model.source["pruned_linears"]) == 4 + 3 + 3  # layer 0: attention and MLP; layer 1: MLP
+    ids = torch.tensor([[1, 5, 9, 22, 7]])
+    torch.testing.assert_close(model.language.causal_lm(ids).logits, pruned(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_that_fit_no_width_of_the_model_are_refused_naming_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = make_pruned_bert(tmp_path)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["bert.encoder.layer.1.extra.weight"] = torch.zeros(2, 2)
+    del weights["classifier.bias"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SourceError) as caught:
+        load_model(str(folder))
+    assert "missing: classifier.bias" in str(caught.value)
+    assert "not in the model: bert.encoder.layer.1.extra.weight" in str(caught.value)

@@ -360,10 +360,23 @@ def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
     return _Running(process, work)
 
 
+def _litert_refusal(model: LoadedModel) -> str | None:
+    """Why litert-torch's LLM exporter cannot take this language model, or None."""
+    architecture = model.language.architecture
+    if architecture not in LITERT_LM_ARCHITECTURES:
+        return (f"litert-torch's LLM exporter does not support {architecture} (it handles "
+                f"{', '.join(sorted(LITERT_LM_ARCHITECTURES))}); the .pte artifacts cover this model")
+    if model.source.get("pruned_linears"):
+        return (f"litert-torch's LLM exporter builds the model from config.json, and this structurally pruned "
+                f"checkpoint has {len(model.source['pruned_linears'])} linear layers narrower than the config says "
+                "(its KV cache would take the config's head count); the .pte and .mlpackage artifacts cover this model")
+    return None
+
+
 def start_decoder(model: LoadedModel, spec: ArtifactSpec, folder: Path) -> None:
     """Start litert-torch's export of a language model now, so that its child process converts on the
     second core while this process builds the other artifacts; build_decoder collects it."""
-    if model.language.architecture not in LITERT_LM_ARCHITECTURES:
+    if _litert_refusal(model):
         return  # build_decoder reports why
     try:
         _recipe(spec)
@@ -385,10 +398,9 @@ atexit.register(cancel_started)
 
 def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
     """Prefill/decode signatures with an external KV cache, and the .litertlm bundle LiteRT-LM apps load."""
-    if model.language.architecture not in LITERT_LM_ARCHITECTURES:
-        raise ConversionError(spec.filename, f"litert-torch's LLM exporter does not support {model.language.architecture} "
-                                             f"(it handles {', '.join(sorted(LITERT_LM_ARCHITECTURES))}); "
-                                             "the .pte artifacts cover this model")
+    refusal = _litert_refusal(model)
+    if refusal:
+        raise ConversionError(spec.filename, refusal)
     recipe = _recipe(spec)
     language = model.language
     running = _started.pop((model.fingerprint, spec.filename), None)
