@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -131,11 +131,21 @@ class LayerDecision:
     shape: tuple[int, ...]
     quantised: bool
     reason: str  # why it stays float, or the quantisation applied
+    sparsity: float | None = None  # the fraction of the float weight's entries that are exactly zero
 
     def as_dict(self) -> dict[str, Any]:
         # "layer" is the name in the user's model; "module_path" includes edgeship's wrapper.
         return {"layer": self.name.removeprefix("inner."), "module_path": self.name, "kind": self.kind,
-                "shape": list(self.shape), "quantised": self.quantised, "detail": self.reason}
+                "shape": list(self.shape), "quantised": self.quantised, "detail": self.reason,
+                **({"sparsity": round(self.sparsity, 4)} if self.sparsity is not None else {})}
+
+
+def zero_fraction(weight: torch.Tensor) -> float | None:
+    """How much of a float weight is exactly zero (an unstructured-pruned checkpoint's sparsity); None for a
+    weight that is already quantised or not materialised."""
+    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.is_meta or not weight.is_floating_point():
+        return None
+    return 1.0 - int(torch.count_nonzero(weight.detach())) / max(weight.numel(), 1)
 
 
 def confirm(plan: list[LayerDecision], found: dict[str, str], missing_reason: str) -> list[LayerDecision]:
@@ -145,9 +155,9 @@ def confirm(plan: list[LayerDecision], found: dict[str, str], missing_reason: st
     confirmed = []
     for d in plan:
         if d.quantised and d.name not in found:
-            d = LayerDecision(d.name, d.kind, d.shape, False, missing_reason)
+            d = replace(d, quantised=False, reason=missing_reason)
         elif d.quantised and found[d.name]:
-            d = LayerDecision(d.name, d.kind, d.shape, True, f"{d.reason} ({found[d.name]})")
+            d = replace(d, reason=f"{d.reason} ({found[d.name]})")
         confirmed.append(d)
     return confirmed
 
@@ -169,17 +179,15 @@ def plan_layers(
             continue
         shape = tuple(layer.weight.shape)
         if scheme.weight_bits is None:
-            decisions.append(LayerDecision(name, "linear", shape, False, f"scheme {scheme.name} keeps weights float"))
+            quantised, reason = False, f"scheme {scheme.name} keeps weights float"
         elif any(re.fullmatch(pattern, name) for pattern in skip_layers):
-            decisions.append(LayerDecision(name, "linear", shape, False, "listed in skip_layers of the target"))
+            quantised, reason = False, "listed in skip_layers of the target"
         elif group_size and layer.in_features % group_size:
-            decisions.append(LayerDecision(
-                name, "linear", shape, False,
-                f"input width {layer.in_features} is not a multiple of group_size {group_size}",
-            ))
+            quantised, reason = False, f"input width {layer.in_features} is not a multiple of group_size {group_size}"
         else:
             blocks = f"groups of {group_size}" if group_size else "per channel"
-            decisions.append(LayerDecision(name, "linear", shape, True, f"int{scheme.weight_bits} {blocks}"))
+            quantised, reason = True, f"int{scheme.weight_bits} {blocks}"
+        decisions.append(LayerDecision(name, "linear", shape, quantised, reason, zero_fraction(layer.weight)))
     return decisions
 
 

@@ -25,6 +25,14 @@ def build_mlp():
     return Mlp(), (torch.randn(4, 64),)
 
 
+def build_sparse_mlp():
+    """The MLP after unstructured magnitude pruning: the smaller half of block.0's weights set to zero."""
+    model, inputs = build_mlp()
+    weight = model.block[0].weight.data
+    weight[weight.abs() < weight.abs().median()] = 0
+    return model, inputs
+
+
 class Classifier(nn.Module):
     """Keyword inputs and a dict output with logits: the shape of a HF model."""
 

@@ -21,6 +21,15 @@ def test_plan_honours_skip_layers() -> None:
     assert plan["odd"].quantised  # per-channel: any width works
 
 
+def test_the_plan_says_how_sparse_each_float_weight_is() -> None:
+    from tests.models import build_sparse_mlp
+
+    plan = {d.name: d for d in plan_layers(build_sparse_mlp()[0], SCHEMES["int8-dynamic"], None)}
+    assert plan["block.0"].sparsity == pytest.approx(0.5, abs=1e-3)
+    assert plan["head"].sparsity == 0.0
+    assert plan["block.0"].as_dict()["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
 def test_float_schemes_quantise_nothing() -> None:
     assert not any(d.quantised for d in plan_layers(Mlp(), SCHEMES["fp32"], None))
 

@@ -37,7 +37,7 @@ def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = Fa
         return source, plan
     if sample_inputs is not None:
         read_directly = linears_not_called(source, sample_inputs)
-        plan = [LayerDecision(d.name, d.kind, d.shape, False, "its weight is read directly, not called as a layer")
+        plan = [replace(d, quantised=False, reason="its weight is read directly, not called as a layer")
                 if d.quantised and d.name in read_directly else d for d in plan]
     from torchao.quantization import quantize_
 
@@ -301,7 +301,7 @@ def _quantise_linears(decoder: torch.nn.Module, spec: ArtifactSpec, carried: dic
         by_name[head] = next(d for d in head_plan if d.name == head)
     if carried:
         for name, why in carried_linears.carry(decoder, carried, calibration_run(decoder, language)).items():
-            by_name[name] = LayerDecision(name, "linear", by_name[name].shape, True, why)
+            by_name[name] = replace(by_name[name], quantised=True, reason=why)
     return [by_name[d.name] for d in decisions]
 
 
