@@ -58,7 +58,9 @@ def weight_signature(weight: np.ndarray) -> np.ndarray:
 
 
 def match_layers(ops: list[dict[str, Any]], layers: dict[str, np.ndarray]) -> dict[str, str]:
-    """Op scope -> torch layer name, one-to-one, by best signature correlation among equal shapes."""
+    """Op scope -> torch layer name, by best signature correlation among equal shapes: one op per layer,
+    then every other op reading that very weight (ALBERT's one layer, shared by every position in its
+    stack, is as many ops as the stack is deep; an op left out of the recipe keeps a float copy)."""
     signatures = {name: weight_signature(w) for name, w in layers.items()}
     pairs = []
     for op in ops:
@@ -73,6 +75,11 @@ def match_layers(ops: list[dict[str, Any]], layers: dict[str, np.ndarray]) -> di
         if scope not in matched and name not in taken:
             matched[scope] = name
             taken.add(name)
+    signature_of = {op["scope"]: op["signature"] for op in ops}
+    first_reader = {name: signature_of[scope] for scope, name in matched.items()}
+    for score, scope, name in sorted(pairs, reverse=True):
+        if scope not in matched and name in first_reader and np.array_equal(signature_of[scope], first_reader[name]):
+            matched[scope] = name
     return matched
 
 
