@@ -227,9 +227,10 @@ def load_executorch_runtime():
             del sys.modules["executorch.exir"]  # a later real import runs the package as usual
     from executorch.runtime import Runtime
 
+    loaded = {os.path.realpath(p) for p in torch.ops.loaded_libraries}
     for pattern in ("extension/llm/custom_ops/*custom_ops_aot_lib.*", "kernels/quantized/*quantized_ops_aot_lib.*"):
         for library in glob.glob(os.path.join(package, pattern)):
-            if os.path.realpath(library) not in {os.path.realpath(p) for p in torch.ops.loaded_libraries}:
+            if os.path.realpath(library) not in loaded:
                 torch.ops.load_library(library)
     return Runtime.get()
 

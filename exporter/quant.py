@@ -194,14 +194,14 @@ def plan_layers(
 def linears_not_called(module: nn.Module, sample_inputs: tuple[Any, ...]) -> set[str]:
     """The linear layers a forward pass with ``sample_inputs`` never calls: their weights are read directly
     (MobileBERT's masked-LM head multiplies by its decoder's weight matrix instead of calling the decoder)."""
+    linears = {name: layer for name, layer in module.named_modules() if isinstance(layer, nn.Linear)}
     called: set[str] = set()
     hooks = [layer.register_forward_pre_hook(lambda _layer, _args, name=name: called.add(name))
-             for name, layer in module.named_modules() if isinstance(layer, nn.Linear)]
+             for name, layer in linears.items()]
     try:
         with torch.no_grad():
             module(*sample_inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name for name, layer in module.named_modules() if isinstance(layer, nn.Linear)} - called
-
+    return set(linears) - called

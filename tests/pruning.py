@@ -26,9 +26,7 @@ def prune(block: nn.Module, outputs: tuple[str, ...], inputs: tuple[str, ...], k
     ``inputs`` linears of ``block`` (dotted names)."""
     for names, axis in ((outputs, "rows"), (inputs, "cols")):
         for name in names:
-            parent_name, _, attribute = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, attribute, _narrowed(getattr(parent, attribute), **{axis: keep}))
+            block.set_submodule(name, _narrowed(block.get_submodule(name), **{axis: keep}))
 
 
 def strongest(layer: nn.Linear, count: int, group: int = 1) -> torch.Tensor:

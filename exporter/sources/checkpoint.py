@@ -71,16 +71,17 @@ def load_weights_checked(loader: Any, folder: Path, **kwargs: Any) -> nn.Module:
     return load_pruned(loader, folder, present, kwargs.get("dtype"))
 
 
+class _DropMismatchReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "MISMATCH" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _quiet_shape_mismatch_report() -> Iterator[None]:
     """transformers logs a table of every weight whose shape differs from the config's before it raises;
     for a pruned checkpoint load_pruned then loads those very weights, so the table would only alarm."""
-    class DropMismatchReport(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "MISMATCH" not in record.getMessage()
-
     handlers = logging.getLogger("transformers").handlers
-    quiet = DropMismatchReport()
+    quiet = _DropMismatchReport()
     for handler in handlers:
         handler.addFilter(quiet)
     try:
@@ -114,7 +115,7 @@ def load_pruned(loader: Any, folder: Path, files: list[str], dtype: Any = None) 
             state.update(torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True))
     model = loader.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
-    own_names = {name: name for name in model.state_dict()}
+    own_names = set(model.state_dict())
     # A base model (AutoModel) read from a checkpoint saved with a head names its weights under the prefix.
     renamed = {key.removeprefix(prefix) if key not in own_names and key.removeprefix(prefix) in own_names else key:
                tensor for key, tensor in state.items()}
@@ -122,9 +123,7 @@ def load_pruned(loader: Any, folder: Path, files: list[str], dtype: Any = None) 
     for name, layer in list(model.named_modules()):
         weight = renamed.get(f"{name}.weight")
         if isinstance(layer, nn.Linear) and weight is not None and tuple(weight.shape) != tuple(layer.weight.shape):
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attribute, nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None))
+            model.set_submodule(name, nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None))
             narrowed.append(name)
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     model.tie_weights()
@@ -140,10 +139,11 @@ def load_pruned(loader: Any, folder: Path, files: list[str], dtype: Any = None) 
                           f"{', '.join(unexpected[:5]) or 'none'}")
     if dtype is not None:
         model.to(dtype)
-    model.pruned_linears = narrowed  # read by pruned_linears(): the manifest's source record says it
+    model.pruned_linears = narrowed  # read by pruning_record(): the manifest's source record says it
     return model.eval()
 
 
-def pruned_linears(model: nn.Module) -> list[str]:
-    """The linear layers load_pruned gave the checkpoint's narrower shape (none for an unpruned model)."""
-    return list(getattr(model, "pruned_linears", []))
+def pruning_record(model: nn.Module) -> dict[str, list[str]]:
+    """For a source record: the linear layers load_pruned gave the checkpoint's narrower shape, if any."""
+    narrowed = list(getattr(model, "pruned_linears", []))
+    return {"pruned_linears": narrowed} if narrowed else {}

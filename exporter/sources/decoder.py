@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import SourceError
 from ..weights_on_disk import parked
 from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
-from .checkpoint import load_weights_checked, model_name, pruned_linears, read_config, read_json, weights_fingerprint
+from .checkpoint import load_weights_checked, model_name, pruning_record, read_config, read_json, weights_fingerprint
 
 # model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
@@ -177,9 +177,8 @@ def load_folder(folder: Path, options: SourceOptions) -> LoadedModel:
     causal_lm = load_weights_checked(AutoModelForCausalLM, folder, dtype=torch.float32)
     generation_file = folder / "generation_config.json"
     generation = read_json(generation_file) if generation_file.is_file() else {}
-    source = {"kind": "hf-folder", "path": str(folder.resolve()), "task": "text-generation"}
-    if pruned_linears(causal_lm):
-        source["pruned_linears"] = pruned_linears(causal_lm)
+    source = {"kind": "hf-folder", "path": str(folder.resolve()), "task": "text-generation",
+              **pruning_record(causal_lm)}
     return _finish(causal_lm, tokenizer, model_name(folder), source, weights_fingerprint(folder), options, str(folder),
                    generation)
 

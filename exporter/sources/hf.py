@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import SourceError
 from .base import LoadedModel, SourceOptions, fingerprint, flatten_outputs, prepare
-from .checkpoint import load_weights_checked, model_name, pruned_linears, read_config, read_json, weights_fingerprint
+from .checkpoint import load_weights_checked, model_name, pruning_record, read_config, read_json, weights_fingerprint
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -191,7 +191,7 @@ def load_encoder(folder: Path, config: dict[str, Any], task: str, options: Sourc
         module=flat, input_names=names, output_names=outputs, sample_inputs=values,
         source={"kind": "hf-folder", "path": str(folder.resolve()), "task": task,
                 "architecture": (config.get("architectures") or ["?"])[0], "seq_len": seq_len,
-                "tokenizer": tokenizer is not None, **({"pruned_linears": pruned_linears(model)} if pruned_linears(model) else {})},
+                "tokenizer": tokenizer is not None, **pruning_record(model)},
         fingerprint=fingerprint(weights_fingerprint(folder), str(seq_len), str(options.batch_size), ",".join(names)),
         logits_outputs=frozenset(n for n in outputs if n.endswith("logits")),  # QA: start_, end_logits
         padding_mask="attention_mask" if "attention_mask" in names else None,
