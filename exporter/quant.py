@@ -142,8 +142,10 @@ class LayerDecision:
 
 def zero_fraction(weight: torch.Tensor) -> float | None:
     """How much of a float weight is exactly zero (an unstructured-pruned checkpoint's sparsity); None for a
-    weight that is already quantised or not materialised."""
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.is_meta or not weight.is_floating_point():
+    weight that is already quantised or not materialised (meta, or parked with no elements while
+    litert-torch's child peaks)."""
+    if (type(weight) not in (torch.Tensor, nn.Parameter) or weight.is_meta or not weight.is_floating_point()
+            or weight.numel() == 0):
         return None
     return 1.0 - int(torch.count_nonzero(weight.detach())) / max(weight.numel(), 1)
 

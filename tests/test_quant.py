@@ -28,6 +28,11 @@ def test_the_plan_says_how_sparse_each_float_weight_is() -> None:
     assert plan["block.0"].sparsity == pytest.approx(0.5, abs=1e-3)
     assert plan["head"].sparsity == 0.0
     assert plan["block.0"].as_dict()["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    import torch
+
+    from exporter.quant import zero_fraction
+
+    assert zero_fraction(torch.empty(0)) is None  # a parked weight has no sparsity to report
 
 
 def test_float_schemes_quantise_nothing() -> None:
