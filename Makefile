@@ -15,6 +15,9 @@ MODEL ?=
 OUTPUT ?= dist
 ARGS ?=
 PYTEST_ARGS ?=
+# Tests run in this many processes (pytest-xdist). Most tests keep one core busy (lowering, tracing, an
+# emulated board), so two workers on a two-core machine finish the suite much sooner. 1: in this process.
+TEST_WORKERS ?= 2
 DEVICES ?= devices.toml
 DEVICE ?=
 BASELINE ?=
@@ -95,11 +98,13 @@ targets: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/edgeship validate $(DIR)
 
+PYTEST_WORKERS = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+
 test: $(STAMP) $(LITERTLM_STAMP) system-packages
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(LITERTLM_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # Shell snippet: export (reused when unchanged) and set $$folder to the export folder (the CLI's last line
 # is the manifest's path). An export that wrote its folder with a failed artifact (exit 1) goes on, the

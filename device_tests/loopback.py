@@ -47,10 +47,19 @@ class Board:
             raise RuntimeError(f"{SSHD} is missing: install openssh-server (make system-packages does)")
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
         config = self.folder / "sshd_config"
+        for _ in range(3):
+            config.write_text(self._sshd_config())
+            if self._serving(config):
+                return self
+            # The free port was taken between choosing it and sshd binding it (boards started side by side)
+            self.port = free_port()
+        raise RuntimeError(f"sshd for {self.name} did not start")
+
+    def _sshd_config(self) -> str:
         # SHLVL=1: bash, started by sshd for each command, skips this host user's ~/.bashrc (it reads it only
         # at shell level 1). A board is a clean machine; a developer's rc files (pyenv's rehash takes a lock
         # that a board killed mid-command leaves behind, and every later login waits 60 s on it) are not.
-        config.write_text(f"""Port {self.port}
+        return f"""Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {self.folder}/host_ed25519
 AuthorizedKeysFile {self.folder}/authorized_keys
@@ -62,17 +71,21 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 LogLevel ERROR
 SetEnv SHLVL=1
-""")
+"""
+
+    def _serving(self, config: Path) -> bool:
         self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 10
-        while time.time() < deadline:
+        while time.time() < deadline and self.process.poll() is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
+                    time.sleep(0.2)  # an sshd that could not bind exits at once; the answer was another's
+                    if self.process.poll() is None:
+                        return True
             time.sleep(0.1)
-        raise RuntimeError(f"sshd for {self.name} did not start")
+        self.stop()
+        return False
 
     def stop(self) -> None:
         """Kill the board's sshd and every login and command under it (a board losing power)."""

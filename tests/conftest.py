@@ -18,15 +18,31 @@ needs_sshd = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not os.e
                                 reason="needs openssh-server (make test installs it)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `anchors` build optimum-executorch's .pte of the real model (minutes of both cores):
-    deselected unless EDGESHIP_ANCHOR_TESTS=1, so that a run reports them as not chosen, never as skipped."""
-    if os.environ.get("EDGESHIP_ANCHOR_TESTS") == "1":
-        return
-    dropped = [item for item in items if item.get_closest_marker("anchors")]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if not item.get_closest_marker("anchors")]
+    deselected unless EDGESHIP_ANCHOR_TESTS=1, so that a run reports them as not chosen, never as skipped.
+
+    Across pytest-xdist's workers (`make test` runs two): a module with a module-scoped fixture (boards, their
+    Python environments, a set of exports) runs whole in one worker, so that fixture is built once; and the
+    `slow` tests go first, so that no worker starts a long export while the other has nothing left to run."""
+    if os.environ.get("EDGESHIP_ANCHOR_TESTS") != "1":
+        dropped = [item for item in items if item.get_closest_marker("anchors")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if not item.get_closest_marker("anchors")]
+    for item in items:
+        if module_scoped_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
+
+
+def module_scoped_fixtures(item: pytest.Item) -> list[str]:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    return [name for name, definitions in info.name2fixturedefs.items()
+            if any(definition.scope == "module" for definition in definitions)]
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +147,9 @@ TINY_LM_CONFIGS = {
     # GPT-NeoX / Pythia: rotary on a quarter of each head, parallel residual
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=256, rotary_pct=0.25),
+    # GPT-Neo: a global layer and a local (windowed) one, unscaled attention, learned positions
+    "gpt_neo": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, max_position_embeddings=256,
+                    attention_types=[[["global", "local"], 1]], window_size=128),
 }
 
 

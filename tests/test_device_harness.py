@@ -386,3 +386,25 @@ def test_the_runner_loads_executorch_without_its_compiler(shared_tiny_lm_pte: Pa
     vocabulary, magnitude, compiler = json.loads(done.stdout.strip().splitlines()[-1])
     assert vocabulary == 49152 and magnitude > 0  # SmolLM2's vocabulary, real logits through the custom SDPA op
     assert compiler == ["executorch.exir._warnings"]
+
+
+def test_a_board_whose_port_was_taken_serves_on_another(tmp_path: Path) -> None:
+    """Boards started side by side (two test workers) can both be handed one free port: the second moves."""
+    import socket
+
+    keygen(tmp_path / "client_key")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        folder = tmp_path / "board"
+        folder.mkdir()
+        keygen(folder / "host_ed25519")
+        (folder / "authorized_keys").write_text((tmp_path / "client_key.pub").read_text())
+        board = Board("moved", folder, taken, sys.executable, tmp_path / "client_key").start()
+        try:
+            assert board.port != taken and f"Port {board.port}" in (folder / "sshd_config").read_text()
+            with socket.create_connection(("127.0.0.1", board.port), timeout=10) as client:
+                assert client.recv(64).startswith(b"SSH-2.0-OpenSSH")
+        finally:
+            board.stop()
