@@ -53,8 +53,27 @@ def register_attention() -> None:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention layers of a HF decoder: the classes are named *Attention and carry a layer_idx."""
-    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    """Self-attention layers of a HF decoder: the classes are named *Attention and carry a layer_idx, or
+    compute attention in their own ``_attn`` (GPT-Neo's, inside a wrapper that holds no projections)."""
+    return [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and (hasattr(m, "layer_idx") or hasattr(m, "_attn"))]
+
+
+def _route_own_attention(attention: nn.Module, attention_name: str) -> None:
+    """GPT-Neo multiplies queries and keys in its own ``_attn`` (unscaled, with its local/global mask)
+    instead of calling transformers' attention functions: send it through ``attention_name`` too. Both of
+    edgeship's functions attend over the whole cache, which is the local layers' own computation while
+    the context fits in their window (the source caps the context there)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    function = ALL_ATTENTION_FUNCTIONS[attention_name]
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any = None,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out, _ = function(attention, query, key, value, attention_mask, scaling=1.0)
+        return out.transpose(1, 2), None  # back to [batch, heads, seq, head_dim], which _attn returns
+
+    attention._attn = attend
 
 
 class _CachedDecoder(nn.Module):
@@ -114,6 +133,8 @@ def attach_kv_caches(causal_lm: nn.Module, attention_name: str, max_context: int
         attention.edgeship_step = step
         attention.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         attention.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        if hasattr(attention, "_attn"):
+            _route_own_attention(attention, attention_name)
     return step
 
 

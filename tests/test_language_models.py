@@ -37,7 +37,7 @@ def tiny_lms(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder:
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gpt2", "phi3", "phi", "mistral", "smollm3",
-                                          "gemma3_text", "gpt_neox"])
+                                          "gemma3_text", "gpt_neox", "gpt_neo"])
 def test_tiny_language_model_exports_to_every_format_and_generates_like_eager(
     tiny_lms: dict[str, Path], tmp_path: Path, architecture: str
 ) -> None:
@@ -50,7 +50,7 @@ def test_tiny_language_model_exports_to_every_format_and_generates_like_eager(
         if record["format"] == "mlpackage":
             assert result.status == "pending-mac", record.get("error")
             continue
-        if architecture in ("gpt2", "gpt_neox") and record["format"] == "tflite":  # an upstream limit, said so
+        if architecture in ("gpt2", "gpt_neox", "gpt_neo") and record["format"] == "tflite":  # an upstream limit, said so
             assert result.status == "error"
             assert f"litert-torch's LLM exporter does not support {architecture}" in record["error"]
             continue
@@ -178,13 +178,16 @@ def test_context_longer_than_the_model_is_refused(tiny_lms: dict[str, Path]) -> 
         load_model(str(tiny_lms["llama"]), SourceOptions(context_len=4096))
 
 
-def test_a_context_longer_than_the_sliding_window_is_refused_and_the_default_fits_it(tiny_lms: dict[str, Path]) -> None:
-    """The program's KV cache attends over the whole context: Gemma 3's sliding layers compute the model's
-    own attention only while the context fits their window (128 tokens in the tiny model)."""
+@pytest.mark.parametrize("architecture", ["gemma3_text", "gpt_neo"])
+def test_a_context_longer_than_the_sliding_window_is_refused_and_the_default_fits_it(
+        tiny_lms: dict[str, Path], architecture: str) -> None:
+    """The program's KV cache attends over the whole context: Gemma 3's sliding layers and GPT-Neo's local
+    ones compute the model's own attention only while the context fits their window (128 tokens in the
+    tiny models)."""
     with pytest.raises(SourceError, match="--context-len 200 is longer than the model's sliding attention window "
                                           "\\(128 tokens\\).*use --context-len 128 or less"):
-        load_model(str(tiny_lms["gemma3_text"]), SourceOptions(context_len=200))
-    assert load_model(str(tiny_lms["gemma3_text"])).language.max_context == 128
+        load_model(str(tiny_lms[architecture]), SourceOptions(context_len=200))
+    assert load_model(str(tiny_lms[architecture])).language.max_context == 128
     assert load_model(str(tiny_lms["mistral"])).language.max_context == 256  # no window: up to its positions
 
 

@@ -25,7 +25,7 @@ from .checkpoint import load_weights_checked, model_name, pruning_record, read_c
 # model_type -> family, for the architectures whose HF modelling code edgeship has exported and checked.
 SUPPORTED = {"llama": "Llama (SmolLM/SmolLM2, TinyLlama)", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3",
              "gpt2": "GPT-2", "phi3": "Phi-3", "phi": "Phi-2/Phi-1.5", "mistral": "Mistral", "smollm3": "SmolLM3",
-             "gemma3_text": "Gemma 3 (270M, 1B)", "gpt_neox": "GPT-NeoX/Pythia"}
+             "gemma3_text": "Gemma 3 (270M, 1B)", "gpt_neox": "GPT-NeoX/Pythia", "gpt_neo": "GPT-Neo"}
 # GGUF architecture -> model_type, for the supported families transformers reads from a GGUF (llama.cpp
 # writes Mistral as "llama"; Phi-2, SmolLM3 and GPT-NeoX GGUFs it cannot read: their HF folders export).
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "phi3": "phi3",
@@ -96,7 +96,10 @@ def _context(config: Any, options: SourceOptions, where: str) -> int:
 
 
 def sliding_window(config: Any) -> int | None:
-    """The attention window of the model's sliding-window layers (Gemma 3, Mistral), None if it has none."""
+    """The attention window of the model's sliding-window layers (Gemma 3, Mistral, GPT-Neo's local
+    layers), None if it has none."""
+    if "local" in (getattr(config, "attention_layers", None) or []):
+        return int(config.window_size)
     window = getattr(config, "sliding_window", None)
     if not window:
         return None
