@@ -50,7 +50,7 @@ def test_tiny_language_model_exports_to_every_format_and_generates_like_eager(
         if record["format"] == "mlpackage":
             assert result.status == "pending-mac", record.get("error")
             continue
-        if architecture in ("gpt2", "gpt_neox", "gpt_neo") and record["format"] == "tflite":  # an upstream limit, said so
+        if architecture == "gpt_neo" and record["format"] == "tflite":  # an upstream limit, said so
             assert result.status == "error"
             assert f"litert-torch's LLM exporter does not support {architecture}" in record["error"]
             continue
@@ -230,6 +230,27 @@ def test_a_family_gguf_loads_as_the_checkpoint_it_was_written_from(smollm2_token
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
+def test_litert_reads_a_gpt2_gguf_as_the_checkpoint_it_was_written_from(smollm2_tokenizer_folder: Path,
+                                                                        tmp_path: Path) -> None:
+    """litert-torch loads a HF folder: a GPT-2 GGUF's is written with its projections back in Conv1D's
+    transposed layout (edgeship holds them as nn.Linear) and the num_key_value_heads litert-torch reads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporter.formats import tflite
+
+    folder = make_tiny_lm(tmp_path / "gpt2", "gpt2", smollm2_tokenizer_folder, **GGUF_SHAPES["gpt2"])
+    model = load_model(str(write_family_gguf(folder, tmp_path / "tiny-gpt2.gguf", smollm2_gguf())),
+                       SourceOptions(context_len=128))
+    written = tflite._hf_folder(model)
+    assert json.loads((written / "config.json").read_text())["num_key_value_heads"] == 4
+    reread = AutoModelForCausalLM.from_pretrained(str(written), dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 57, 300, 42, 9, 77, 5]])
+    with torch.no_grad():
+        want, got = model.language.causal_lm(ids).logits, reread(ids).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_a_gemma3_gguf_exports_and_generates_like_eager(smollm2_tokenizer_folder: Path, tmp_path: Path) -> None:
     folder = make_tiny_lm(tmp_path / "gemma3", "gemma3_text", smollm2_tokenizer_folder, **GGUF_SHAPES["gemma3_text"])
     gguf = write_family_gguf(folder, tmp_path / "tiny-gemma3.gguf", smollm2_gguf())
@@ -252,7 +273,7 @@ def test_a_gguf_of_a_family_transformers_cannot_read_is_refused_with_what_can(tm
         load_model(str(path))
     message = str(caught.value)
     assert "GGUF architecture 'phi2' is not supported" in message and "gemma3" in message
-    assert "export from their HF folder: gpt_neox, phi, smollm3" in message
+    assert "export from their HF folder: gpt_neo, gpt_neox, phi, smollm3" in message
 
 
 def test_truncated_gguf_is_refused(tmp_path: Path) -> None:

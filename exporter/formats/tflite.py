@@ -28,7 +28,7 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
-from . import Built, Runner, Signature, TensorSpec
+from . import Built, Runner, Signature, TensorSpec, tflite_ops
 
 _float_cache: dict[str, bytes] = {}  # model fingerprint -> float flatbuffer, shared by this run's artifacts
 
@@ -121,34 +121,17 @@ def _interpreter(model_content: bytes | None = None, path: Path | None = None) -
     return interpreter
 
 
-def _interpreter_of(flatbuffer: bytes | Path) -> Any:
-    """An interpreter to read a model's ops and constants, not to run it: no XNNPACK delegate, which
-    would pack a copy of every weight (9 GB more for a 1B model's float flatbuffer), and a path is
-    mapped, not read."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    source = {"model_path": str(flatbuffer)} if isinstance(flatbuffer, Path) else {"model_content": flatbuffer}
-    interpreter = Interpreter(**source,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
-    return interpreter
-
-
 def fully_connected_ops(flatbuffer: bytes | Path) -> list[dict[str, Any]]:
-    """Each FULLY_CONNECTED op of a float model: its output tensor name, weight digest and shape."""
-    interpreter = _interpreter_of(flatbuffer)
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    """Each FULLY_CONNECTED op of a float model, in every subgraph: its output tensor name, weight digest
+    and shape."""
+    model = tflite_ops.Flatbuffer(flatbuffer)
     ops = []
-    for op in interpreter._get_ops_details():
-        if op["op_name"] != "FULLY_CONNECTED":
+    for op in tflite_ops.fully_connected(model):
+        values = model.constant(op.subgraph, op.inputs[1])  # a view: the signature reads its corner only
+        if values is None:  # computed, not constant
             continue
-        weight = tensors[int(op["inputs"][1])]
-        try:
-            values = interpreter.tensor(weight["index"])()  # a view: the signature reads its corner only
-        except ValueError:  # computed, not constant
-            continue
-        ops.append({"scope": tensors[int(op["outputs"][0])]["name"], "signature": weight_signature(values),
-                    "shape": tuple(int(s) for s in weight["shape"])})
+        ops.append({"scope": model.name(op.subgraph, op.outputs[0]), "signature": weight_signature(values),
+                    "shape": tuple(values.shape)})
     return ops
 
 
@@ -200,21 +183,9 @@ def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, An
 
 
 def quantised_scopes(flatbuffer: bytes | Path) -> set[str]:
-    """Output names of FULLY_CONNECTED ops whose weight is stored as integers.
-
-    Dynamic-range ops read the int8 tensor directly; weight-only ops read it through a DEQUANTIZE op.
-    """
-    interpreter = _interpreter_of(flatbuffer)
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()
-    dequantized_from = {int(op["outputs"][0]): int(op["inputs"][0]) for op in ops if op["op_name"] == "DEQUANTIZE"}
-
-    def stored_as_integers(index: int) -> bool:
-        index = dequantized_from.get(index, index)
-        return np.dtype(tensors[index]["dtype"]).kind in "iu"
-
-    return {tensors[int(op["outputs"][0])]["name"] for op in ops
-            if op["op_name"] == "FULLY_CONNECTED" and stored_as_integers(int(op["inputs"][1]))}
+    """Output names of FULLY_CONNECTED ops (in every subgraph) whose weight is stored as integers."""
+    model = tflite_ops.Flatbuffer(flatbuffer)
+    return {model.name(op.subgraph, op.outputs[0]) for op in tflite_ops.with_integer_weights(model)}
 
 
 def load(path: Path, backend: str = "litert") -> Runner:
@@ -241,8 +212,9 @@ def inspect(path: Path) -> Signature:
 
 # --- language models -------------------------------------------------------------------------------
 
-# Exported and checked by edgeship's tests (GPT-NeoX's config lacks the num_key_value_heads litert-torch reads).
-LITERT_LM_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3", "phi", "mistral", "smollm3", "gemma3_text"}
+# Exported and checked by edgeship's tests.
+LITERT_LM_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3", "phi", "mistral", "smollm3", "gemma3_text", "gpt2",
+                           "gpt_neox"}
 PREFILL_LENGTH = 64  # prompt tokens the prefill signature takes at once; longer prompts go in chunks
 _RECIPES = {"fp32": None, "int8-dynamic": "dynamic_wi8_afp32", "int8-weight": "weight_only_wi8_afp32"}
 _hf_folders: dict[str, Path] = {}  # model fingerprint -> HF folder litert-torch reads (GGUFs are saved once)
@@ -257,30 +229,55 @@ def _recipe(spec: ArtifactSpec) -> str | None:
                                          f"(group {spec.group_size}); use int8-dynamic, int8-weight or 8da4w with group 32/64")
 
 
+def litert_config_additions(config: Any) -> dict[str, Any]:
+    """Keys litert-torch's exporter reads that a family's config lacks: GPT-2's and GPT-NeoX's have no
+    num_key_value_heads (each attention head has its own key and value, so it equals the head count)."""
+    if getattr(config, "num_key_value_heads", None) is None:
+        return {"num_key_value_heads": int(config.num_attention_heads)}
+    return {}
+
+
 def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
-    """The HF folder litert-torch reads: the source folder itself, or fp32 weights written once
-    (a GGUF source, or weights smoothed for this artifact)."""
+    """The HF folder litert-torch reads: the source folder itself, the source's files beside a config
+    with litert_config_additions, or fp32 weights written once (a GGUF source, or weights smoothed for
+    this artifact)."""
     source = model.source
-    if source["kind"] == "hf-folder" and not smoothing:
+    additions = litert_config_additions(model.language.causal_lm.config)
+    if source["kind"] == "hf-folder" and not smoothing and not additions:
         return Path(source["path"])
     key = f"{model.fingerprint}:{smoothing}"
     if key not in _hf_folders:
-        from safetensors.torch import save_model
-
         folder = Path(tempfile.mkdtemp(prefix="edgeship-hf-"))
         atexit.register(shutil.rmtree, folder, True)
-        # transformers refuses save_pretrained on a model loaded from GGUF; the dequantised fp32 weights
-        # and the config are all litert-torch needs (save_model stores tied weights once).
-        causal_lm = model.language.working_copy()
-        if smoothing:
-            from ..smoothing import smooth
-
-            smooth(causal_lm, model.language.tokenizer, smoothing)  # a tied lm_head stays tied (and unsmoothed)
-        causal_lm.config.save_pretrained(folder)
-        save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        model.language.tokenizer.save_pretrained(folder)
+        if source["kind"] == "hf-folder" and not smoothing:
+            for file in Path(source["path"]).iterdir():  # the weights are read where they are
+                if file.name != "config.json":
+                    (folder / file.name).symlink_to(file.resolve())
+            config = json.loads((Path(source["path"]) / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, **additions}, indent=2))
+        else:
+            _write_fp32_folder(model, smoothing, additions, folder)
         _hf_folders[key] = folder
     return _hf_folders[key]
+
+
+def _write_fp32_folder(model: LoadedModel, smoothing: float | None, additions: dict[str, Any], folder: Path) -> None:
+    from safetensors.torch import save_model
+
+    from ..sources.decoder import conv1d_from_linears
+
+    # transformers refuses save_pretrained on a model loaded from GGUF; the dequantised fp32 weights
+    # and the config are all litert-torch needs (save_model stores tied weights once).
+    causal_lm = model.language.working_copy()
+    if smoothing:
+        from ..smoothing import smooth
+
+        smooth(causal_lm, model.language.tokenizer, smoothing)  # a tied lm_head stays tied (and unsmoothed)
+    conv1d_from_linears(causal_lm)  # GPT-2's checkpoints keep its projections transposed, as Conv1D
+    causal_lm.config.update(additions)
+    causal_lm.config.save_pretrained(folder)
+    save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.language.tokenizer.save_pretrained(folder)
 
 
 # litert-torch's HF exporter runs in a child process: it patches modelling code and registers ops globally

@@ -138,6 +138,26 @@ def linears_from_conv1d(model: nn.Module) -> int:
     return swapped
 
 
+def conv1d_from_linears(model: nn.Module) -> int:
+    """linears_from_conv1d undone: the layers the family's HF modelling code keeps as Conv1D become Conv1D
+    again, so that the model saves as its family's checkpoints do."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    swapped = 0
+    for name, module in skeleton.named_modules():
+        if isinstance(module, Conv1D):
+            linear = model.get_submodule(name)
+            conv = Conv1D(linear.out_features, linear.in_features)
+            conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+            conv.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            model.set_submodule(name, conv)
+            swapped += 1
+    return swapped
+
+
 def _finish(causal_lm: nn.Module, tokenizer: Any, name: str, source: dict[str, Any], print_: str,
             options: SourceOptions, where: str, generation: dict[str, Any]) -> LoadedModel:
     causal_lm.eval().requires_grad_(False)
