@@ -32,17 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=dropped)
             items[:] = [item for item in items if not item.get_closest_marker("anchors")]
     for item in items:
-        if module_scoped_fixtures(item):
+        if uses_a_module_scoped_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
 
 
-def module_scoped_fixtures(item: pytest.Item) -> list[str]:
+def uses_a_module_scoped_fixture(item: pytest.Item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return []
-    return [name for name, definitions in info.name2fixturedefs.items()
-            if any(definition.scope == "module" for definition in definitions)]
+    return info is not None and any(definition.scope == "module" for definitions in info.name2fixturedefs.values()
+                                    for definition in definitions)
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -254,14 +254,15 @@ def _hf_folder(model: LoadedModel, smoothing: float | None = None) -> Path:
                 if file.name != "config.json":
                     (folder / file.name).symlink_to(file.resolve())
             config = json.loads((Path(source["path"]) / "config.json").read_text())
-            (folder / "config.json").write_text(json.dumps({**config, **additions}, indent=2))
         else:
-            _write_fp32_folder(model, smoothing, additions, folder)
+            config = _write_fp32_weights(model, smoothing, folder)
+        (folder / "config.json").write_text(json.dumps({**config, **additions}, indent=2))
         _hf_folders[key] = folder
     return _hf_folders[key]
 
 
-def _write_fp32_folder(model: LoadedModel, smoothing: float | None, additions: dict[str, Any], folder: Path) -> None:
+def _write_fp32_weights(model: LoadedModel, smoothing: float | None, folder: Path) -> dict[str, Any]:
+    """The working copy's fp32 weights and the tokenizer written into ``folder``; returns the config."""
     from safetensors.torch import save_model
 
     from ..sources.decoder import conv1d_from_linears
@@ -274,10 +275,9 @@ def _write_fp32_folder(model: LoadedModel, smoothing: float | None, additions: d
 
         smooth(causal_lm, model.language.tokenizer, smoothing)  # a tied lm_head stays tied (and unsmoothed)
     conv1d_from_linears(causal_lm)  # GPT-2's checkpoints keep its projections transposed, as Conv1D
-    causal_lm.config.update(additions)
-    causal_lm.config.save_pretrained(folder)
     save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
     model.language.tokenizer.save_pretrained(folder)
+    return json.loads(causal_lm.config.to_json_string(use_diff=False))
 
 
 # litert-torch's HF exporter runs in a child process: it patches modelling code and registers ops globally
