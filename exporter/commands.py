@@ -59,10 +59,9 @@ def targets_command() -> int:
     for target in targets:
         print(f"{target.name}: {target.description}", file=console.out)
         for spec in target.artifacts:
-            group = f", group {spec.group_size}" if spec.group_size else ""
             extra = f", {spec.deployment_target}" if spec.deployment_target else ""
             runs_on = f"; checked on {', '.join(spec.runtimes)}" if spec.runtimes else ""
-            print(f"  {spec.filename:{width}} {spec.backend:9} {spec.quant}{group}{extra}: {SCHEMES[spec.quant].summary}"
+            print(f"  {spec.filename:{width}} {spec.settings}{extra}: {SCHEMES[spec.quant].summary}"
                   f"{runs_on}", file=console.out)
     return 0
 

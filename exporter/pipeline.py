@@ -267,7 +267,7 @@ def _build_one(
     try:
         with files.staging(folder) as stage:
             staged = stage / spec.filename
-            with progress.stage(f"{spec.filename}: {spec.backend}, {spec.quant} ({scheme.summary})"):
+            with progress.stage(f"{spec.filename}: {spec.settings} ({scheme.summary})"):
                 built = fmt.build(model, program, spec, staged)
             return_freed_memory()
             layers = [d.as_dict() for d in built.layers]

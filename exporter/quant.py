@@ -34,7 +34,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8-dynamic", 8, True, False, "int8 per-channel weights, int8 dynamic activations"),
         # TFLite's classic dynamic range: the one runtimes before LiteRT (tflite-runtime 2.14) compute right
         Scheme("int8-dynamic-tensor", 8, True, False, "int8 per-tensor weights, int8 dynamic activations"),
-        Scheme("int8-weight", 8, False, False, "int8 per-channel weights, float compute"),
+        Scheme("int8-weight", 8, False, False, "int8 weights (per channel, or per block with group_size), float compute"),
         Scheme("int4-weight", 4, False, True, "int4 block-wise weights, float compute"),
         Scheme("8da4w", 4, True, True, "int4 grouped weights, int8 dynamic activations"),
         Scheme("8da8w", 8, True, True, "int8 grouped weights, int8 dynamic activations"),
@@ -132,12 +132,14 @@ class LayerDecision:
     quantised: bool
     reason: str  # why it stays float, or the quantisation applied
     sparsity: float | None = None  # the fraction of the float weight's entries that are exactly zero
+    stored_sparse: bool = False  # the artifact keeps only the nonzero entries and a mask (Core ML sparse_weights)
 
     def as_dict(self) -> dict[str, Any]:
         # "layer" is the name in the user's model; "module_path" includes edgeship's wrapper.
         return {"layer": self.name.removeprefix("inner."), "module_path": self.name, "kind": self.kind,
                 "shape": list(self.shape), "quantised": self.quantised, "detail": self.reason,
-                **({"sparsity": round(self.sparsity, 4)} if self.sparsity is not None else {})}
+                **({"sparsity": round(self.sparsity, 4)} if self.sparsity is not None else {}),
+                **({"stored_sparse": True} if self.stored_sparse else {})}
 
 
 def zero_fraction(weight: torch.Tensor) -> float | None:

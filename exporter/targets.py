@@ -44,6 +44,7 @@ FORMAT_OPTIONS: dict[str, set[tuple[Format, str | None]]] = {
     "lm_head_quant": {(Format.PTE, None)},
     "requantise": {(Format.PTE, None)},
     "embedding_quant": {(Format.PTE, "xnnpack"), (Format.PTE, "portable")},  # Core ML decoders keep float lookups
+    "sparse_weights": {(Format.MLPACKAGE, None)},
 }
 
 
@@ -77,6 +78,9 @@ class ArtifactSpec:
     # Scheme for linears that are not carried exactly from a GGUF's 4-bit blocks (see gguf_blocks):
     # re-quantising float weights to 4 bits costs agreement that int8 keeps.
     requantise: str | None = None
+    # Core ML: a weight with at least this fraction of exact zeros (an unstructured-pruned checkpoint) is stored
+    # sparse, only its nonzero values and a bit mask (quantised too when the scheme quantises it).
+    sparse_weights: float | None = None
     # The target's runtimes that run this format (exporter.runtimes): the artifact passes only on all of them.
     runtimes: tuple[str, ...] = ()
     # Kinds of model the artifact is built for ("tensor", "language"); an export of another kind leaves it out.
@@ -84,6 +88,13 @@ class ArtifactSpec:
 
     def builds_for(self, kind: str) -> bool:
         return kind in self.models
+
+    @property
+    def settings(self) -> str:
+        """The backend, scheme and the options that shape the weights, as progress lines and listings show them."""
+        group = f", group {self.group_size}" if self.group_size else ""
+        sparse = f", sparse from {self.sparse_weights:g} zeros" if self.sparse_weights is not None else ""
+        return f"{self.backend}, {self.quant}{group}{sparse}"
 
     @property
     def filename(self) -> str:
@@ -97,6 +108,7 @@ class ArtifactSpec:
             "deployment_target": self.deployment_target, "skip_layers": list(self.skip_layers),
             "embedding_quant": self.embedding_quant, "smoothing": self.smoothing,
             "lm_head_quant": self.lm_head_quant, "requantise": self.requantise,
+            "sparse_weights": self.sparse_weights,
         }
 
 
@@ -114,6 +126,7 @@ _ARTIFACT_KEYS = {
     "name": str, "format": str, "backend": str, "quant": str, "group_size": int,
     "compute_precision": str, "deployment_target": str, "skip_layers": list, "parity": dict,
     "embedding_quant": str, "smoothing": float, "lm_head_quant": str, "requantise": str, "models": list,
+    "sparse_weights": float,
 }
 _PARITY_KEYS = {name: float for name in Parity.__dataclass_fields__}
 _EMBEDDING_QUANTS = ("int8", "tied")
@@ -192,6 +205,14 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
             raise TargetError(f"{where}: smoothing only helps schemes with int8 dynamic activations, not '{quant}'; remove it")
         if not 0.0 < smoothing < 1.0:
             raise TargetError(f"{where}: smoothing is SmoothQuant's alpha and must be between 0 and 1, got {smoothing}")
+    sparse_weights = raw.get("sparse_weights")
+    if sparse_weights is not None:
+        if not 0.0 < sparse_weights < 1.0:
+            raise TargetError(f"{where}: sparse_weights is the fraction of zeros from which a weight is stored sparse "
+                              f"and must be between 0 and 1 (e.g. 0.5), got {sparse_weights}")
+        if scheme.weight_bits is not None and deployment in ("iOS16", "iOS17"):
+            raise TargetError(f"{where}: sparse weights that are also quantised ('{quant}') need "
+                              f"deployment_target = \"iOS18\" or later")
     for key in ("lm_head_quant", "requantise"):
         if key in raw:
             other = _choice(raw[key], supported_schemes(fmt.value), where, key)
@@ -232,6 +253,7 @@ def _artifact(raw: dict[str, Any], where: str) -> ArtifactSpec:
         parity=Parity(**{k: float(v) for k, v in parity_raw.items()}), embedding_quant=embedding_quant,
         smoothing=float(smoothing) if smoothing is not None else None,
         lm_head_quant=raw.get("lm_head_quant"), requantise=raw.get("requantise"),
+        sparse_weights=float(sparse_weights) if sparse_weights is not None else None,
         models=tuple(k for k in MODEL_KINDS if k in models),
     )
 

@@ -223,3 +223,50 @@ min_top1 = 1.0
     for result in summary.results:
         assert result.status == "passed", result.record.get("failures")
         assert result.record["parity"]["metrics"]["top1"] >= 0.75
+
+
+def test_core_ml_stores_a_pruned_weight_sparse_when_the_target_asks(tmp_path: Path) -> None:
+    """sparse_weights keeps only the nonzero entries (and a mask) of a weight that is at least that sparse,
+    alone or under the int8 block-wise weights; a dense weight is left as the scheme makes it."""
+    target = load_target_file(write_target(tmp_path, "t", """
+[[artifact]]
+name = "dense"
+format = "mlpackage"
+quant = "fp16"
+[artifact.parity]
+min_cosine = 0.99
+[[artifact]]
+name = "sparse"
+format = "mlpackage"
+quant = "fp16"
+sparse_weights = 0.4
+[artifact.parity]
+min_cosine = 0.99
+[[artifact]]
+name = "sparse-int8"
+format = "mlpackage"
+quant = "int8-weight"
+group_size = 32
+deployment_target = "iOS18"
+sparse_weights = 0.4
+[artifact.parity]
+min_cosine = 0.99
+"""))
+    summary = export(target, load_model("tests.models:build_sparse_mlp"), tmp_path / "dist")
+    records = {r.spec.name: r.record for r in summary.results}
+    for name, record in records.items():
+        assert record["status"] == "pending-mac", (name, record.get("error"))
+        assert all(c["passed"] for c in record["structural_checks"]), (name, record["structural_checks"])
+    layers = {name: {d["layer"]: d for d in record["quantisation"]["layers"]} for name, record in records.items()}
+    assert [n for n, d in layers["sparse"].items() if d.get("stored_sparse")] == ["block.0"]
+    assert not any(d.get("stored_sparse") for d in layers["dense"].values())
+    assert [n for n, d in layers["sparse-int8"].items() if d.get("stored_sparse")] == ["block.0"]
+    assert layers["sparse-int8"]["block.0"]["quantised"] and layers["sparse-int8"]["head"]["quantised"]
+    assert "sparse" in layers["sparse-int8"]["block.0"]["detail"]
+    assert "stores exactly the reported weights sparse" in str(records["sparse"]["structural_checks"])
+
+    def weight_bytes(name: str) -> int:
+        return (summary.folder / f"{name}.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
+
+    # block.0 (half of the MLP's weights) keeps half its fp16 values and a one-bit mask
+    assert weight_bytes("sparse") < 0.85 * weight_bytes("dense")

@@ -90,6 +90,9 @@ BAD = {
     "skip_layers_not_a_regex":
         "artifact 1 (int8-head-float): skip_layers pattern 'layers.(0' is not a regular expression",
     "name_with_path": "artifact 1: name '../x' is not a plain file name",
+    "sparse_weights_on_pte": "key 'sparse_weights' is not understood by .pte (xnnpack); remove it",
+    "sparse_weights_out_of_range": "must be between 0 and 1 (e.g. 0.5), got 50",
+    "sparse_quantised_ios17": "sparse weights that are also quantised ('int8-weight') need deployment_target = \"iOS18\"",
 }
 
 

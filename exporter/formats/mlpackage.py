@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..targets import DEPLOYMENT_TARGETS, ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
 
 _WEIGHT_OPS = ("linear", "matmul", "conv")
+_SPARSE_OP = "constexpr_sparse_to_dense"
 
 
 def _mil_name(torch_name: str) -> str:
@@ -58,10 +60,19 @@ def convert(program: torch.export.ExportedProgram, spec: ArtifactSpec) -> Any:
         raise ConversionError(spec.filename, f"coremltools could not convert the model{where}: {text}") from exc
 
 
-def compressed_weights(mlmodel: Any) -> dict[str, str]:
-    """MIL weight names that feed a linear/matmul/conv through a constexpr (compressed) op -> op type."""
-    found: dict[str, str] = {}
+def compressed_weights(mlmodel: Any) -> dict[str, tuple[str, ...]]:
+    """MIL weight names that feed a linear/matmul/conv through constexpr (compressed) ops -> the chain of
+    constexpr op types, outermost first (a sparse quantised weight: sparse_to_dense, then the dequantisation)."""
+    found: dict[str, tuple[str, ...]] = {}
     function = mlmodel._mil_program.functions["main"]
+
+    def chain(op: Any) -> tuple[str, ...]:
+        types = []
+        while op is not None:
+            types.append(op.op_type)
+            op = next((v.op for v in op.inputs.values()
+                       if getattr(v, "op", None) is not None and v.op.op_type.startswith("constexpr_")), None)
+        return tuple(types)
 
     def visit(block: Any) -> None:
         for op in block.operations:
@@ -72,7 +83,7 @@ def compressed_weights(mlmodel: Any) -> dict[str, str]:
             for value in op.inputs.values():
                 producer = getattr(value, "op", None)
                 if producer is not None and producer.op_type.startswith("constexpr_"):
-                    found[producer.name] = producer.op_type
+                    found[producer.name] = chain(producer)
 
     visit(function)
     return found
@@ -142,31 +153,47 @@ def _save(mlmodel: Any, spec: ArtifactSpec, destination: Path) -> None:
 
 
 def _compress(mlmodel: Any, plan: list[LayerDecision], spec: ArtifactSpec) -> tuple[Any, list[LayerDecision]]:
-    """coremltools weight compression of the planned layers; each layer reported as it really came out."""
+    """coremltools weight compression of the planned layers (sparse storage first, when the target asks for it,
+    then quantisation of what is left); each layer reported as it really came out."""
     scheme = SCHEMES[spec.quant]
-    if scheme.weight_bits is not None:
-        from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights
+    from coremltools.optimize.coreml import (OpThresholdPrunerConfig, OptimizationConfig, linear_quantize_weights,
+                                             prune_weights)
 
+    if spec.sparse_weights is not None:
+        # A threshold of ~0 only drops the zeros the weight already has: storing it sparse is lossless.
+        sparse = OpThresholdPrunerConfig(threshold=1e-12, minimum_sparsity_percentile=spec.sparse_weights)
+        try:
+            mlmodel = prune_weights(mlmodel, OptimizationConfig(global_config=sparse))
+        except Exception as exc:
+            raise ConversionError(spec.filename, f"coremltools sparse weight storage failed: {exc}") from exc
+    if scheme.weight_bits is not None:
         config = library_config("mlpackage", spec.quant, spec.group_size)
         keep_float = {_mil_name(d.name) for d in plan if not d.quantised}
         # op_name_configs are keyed by const op names, which carry a dtype suffix after conversion.
         names = {op.name for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"}
         overrides = {n: None for n in names if any(n == k or n.startswith(k + "_to_") for k in keep_float)}
         try:
-            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(global_config=config, op_name_configs=overrides))
+            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(global_config=config, op_name_configs=overrides),
+                                              joint_compression=spec.sparse_weights is not None)
         except Exception as exc:
             raise ConversionError(spec.filename, f"coremltools weight compression failed: {exc}") from exc
-    return mlmodel, (_reconcile(plan, compressed_weights(mlmodel)) if scheme.weight_bits is not None else plan)
+    if scheme.weight_bits is None and spec.sparse_weights is None:
+        return mlmodel, plan
+    return mlmodel, _reconcile(plan, compressed_weights(mlmodel))
 
 
-def _reconcile(plan: list[LayerDecision], compressed: dict[str, str]) -> list[LayerDecision]:
-    """Report each layer as compressed only if its weight really is, with the constexpr op that holds it."""
-    found = {}
+def _reconcile(plan: list[LayerDecision], compressed: dict[str, tuple[str, ...]]) -> list[LayerDecision]:
+    """Report each layer as quantised only if its weight really is, with the constexpr ops that hold it, and
+    as stored sparse only if a sparse_to_dense op rebuilds it."""
+    quantised, sparse = {}, set()
     for decision in plan:
-        hit = next((op for name, op in compressed.items() if name.startswith(_mil_name(decision.name))), None)
-        if hit is not None:
-            found[decision.name] = hit
-    return confirm(plan, found, "coremltools left this weight uncompressed")
+        chain = next((c for name, c in compressed.items() if name.startswith(_mil_name(decision.name))), ())
+        if _SPARSE_OP in chain:
+            sparse.add(decision.name)
+        if any(op != _SPARSE_OP for op in chain):
+            quantised[decision.name] = " + ".join(chain)
+    confirmed = confirm(plan, quantised, "coremltools left this weight uncompressed")
+    return [replace(d, stored_sparse=d.name in sparse) for d in confirmed]
 
 
 def load(path: Path, backend: str = "mlprogram") -> Runner | None:
@@ -241,21 +268,31 @@ def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
                    "expected": output_count, "found": len(signature.outputs)})
     weights = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     checks.append({"check": "weights file present", "passed": weights.is_file()})
-    planned = sorted(d["layer"] for d in built_layers if d["quantised"])
     saved = saved_compressed_weights(path)
-    found = sorted(d["layer"] for d in built_layers if any(n.startswith(_mil_name(d["module_path"])) for n in saved))
+
+    def layers_with(op_types: Any) -> list[str]:
+        return sorted(d["layer"] for d in built_layers
+                      if any(n.startswith(_mil_name(d["module_path"])) and op_types(t) for n, t in saved.items()))
+
+    planned = sorted(d["layer"] for d in built_layers if d["quantised"])
+    found = layers_with(lambda op: op != _SPARSE_OP)
     checks.append({"check": "saved package compresses exactly the planned weights", "passed": planned == found,
                    "expected": planned, "found": found})
+    planned_sparse = sorted(d["layer"] for d in built_layers if d.get("stored_sparse"))
+    found_sparse = layers_with(lambda op: op == _SPARSE_OP)
+    if planned_sparse or found_sparse:
+        checks.append({"check": "saved package stores exactly the reported weights sparse",
+                       "passed": planned_sparse == found_sparse, "expected": planned_sparse, "found": found_sparse})
     return checks
 
 
-def saved_compressed_weights(path: Path) -> list[str]:
-    """Output names of constexpr (compressed-weight) ops in the saved package's program."""
+def saved_compressed_weights(path: Path) -> dict[str, str]:
+    """Output names of constexpr (compressed-weight) ops in the saved package's program -> op type."""
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(path))
-    names = []
+    found = {}
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():
-            names += [op.outputs[0].name for op in block.operations if op.type.startswith("constexpr_")]
-    return names
+            found.update({op.outputs[0].name: op.type for op in block.operations if op.type.startswith("constexpr_")})
+    return found
