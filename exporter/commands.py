@@ -96,13 +96,14 @@ def validate_command(folder: Path) -> int:
     data = manifest.require(folder)
     _check_manifest(folder, data)
     model = data["model"]
-    language_model = data["golden"].get("kind") == "language-model"
+    golden_kind = data["golden"].get("kind")
+    language_model = golden_kind in ("language-model", "text-to-text")
     if language_model:  # replayed from golden.npz: the model itself need not be at hand (e.g. on a Mac)
         import zipfile
 
         import numpy as np
 
-        from . import lm_parity
+        from . import lm_parity, seq2seq_parity
 
         golden_path = folder / data["golden"]["file"]
         try:
@@ -124,7 +125,10 @@ def validate_command(folder: Path) -> int:
             record.update(status="failed", failures=[f"{record['file']} changed since export (sha256 differs)"])
             failed.append(record)
             continue
-        if language_model:
+        if golden_kind == "text-to-text":
+            stepper = format_module(record["format"]).seq2seq_stepper(path, record["backend"])
+            metrics = None if stepper is None else seq2seq_parity.replay(stepper, lm_golden)
+        elif language_model:
             stepper = format_module(record["format"]).lm_stepper(path, record["backend"])
             metrics = None if stepper is None else lm_parity.replay(stepper, lm_golden)
         else:

@@ -70,6 +70,13 @@ def write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """As write_text, for bytes."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import files, lm_parity, manifest, memory_plan, reuse, runtimes
+from . import files, lm_parity, manifest, memory_plan, reuse, runtimes, seq2seq, seq2seq_parity
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
 from .heap import return_freed_memory
@@ -107,9 +107,14 @@ def export(
 
     if model.language is not None:
         with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"):
-            golden: Golden | lm_parity.Reference = lm_parity.reference(model.language)
+            golden: Golden | lm_parity.Reference | seq2seq_parity.Reference = lm_parity.reference(model.language)
         np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
         bundle = bundle_files(folder, model.language)
+    elif model.seq2seq is not None:
+        with progress.stage("eager fp32 reference: teacher-forced targets and greedy answers"):
+            golden = seq2seq_parity.reference(model.seq2seq)
+        np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
+        bundle = bundle_seq2seq_files(folder, model.seq2seq)
     else:
         golden = make_golden(model, reuse.GOLDEN_SETS)
         golden.save(folder / manifest.GOLDEN)
@@ -121,7 +126,7 @@ def export(
                     "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
                     "padding_mask": model.padding_mask, "fp32_bytes": reference}
     golden_record = {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
-                     "kind": "language-model" if model.language is not None else "tensors", "sets": reuse.GOLDEN_SETS}
+                     "kind": golden_kind(model), "sets": reuse.GOLDEN_SETS}
     # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
     plans = [reuse.plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
              for spec in specs]
@@ -196,7 +201,7 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
                          f"({record['status']})")
             results.append(ArtifactResult(spec, record["status"], record))
             continue
-        if program is None and model.language is None:
+        if program is None and model.kind == "tensor":
             with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
                 program = _trace(model)
         results.append(_build_one(model, program, spec, folder, golden, plan.key, progress, on_runtimes))
@@ -215,6 +220,46 @@ def _measure_language_model(fmt: Any, spec: ArtifactSpec, path: Path, ref: lm_pa
         prompt = model.language.tokenizer.decode(ref.prompt_ids[0])
         record["text_llm_runner"] = fmt.run_text_llm_runner(path, folder / "tokenizer.json", prompt, len(ref.greedy[0]))
     return metrics
+
+
+def _measure_seq2seq(fmt: Any, spec: ArtifactSpec, path: Path, ref: seq2seq_parity.Reference, model: LoadedModel,
+                     record: dict[str, Any]) -> dict[str, Any] | None:
+    stepper = fmt.seq2seq_stepper(path, spec.backend)
+    if stepper is None:
+        return None
+    task = model.seq2seq
+    metrics = seq2seq_parity.measure(stepper, ref, task.eos_ids)
+    record["generations"] = [task.tokenizer.decode(g, skip_special_tokens=True) for g in metrics.pop("generations")]
+    return metrics
+
+
+def golden_kind(model: LoadedModel) -> str:
+    """What golden.npz holds, so validate and the device runner replay it the right way."""
+    if model.language is not None:
+        return "language-model"
+    return "text-to-text" if model.seq2seq is not None else "tensors"
+
+
+def bundle_seq2seq_files(folder: Path, task: Any) -> dict[str, Any]:
+    """A text-to-text app's companions: the tokenizer (tokenizer.json, and the SentencePiece model where
+    the checkpoint has one) and how to drive the two methods."""
+    task.tokenizer.save_pretrained(str(folder))
+    for extra in ("special_tokens_map.json",):
+        (folder / extra).unlink(missing_ok=True)
+    generation = {
+        "decoder_start_token_id": task.start_token,
+        "eos_token_ids": task.eos_ids,
+        "pad_token_id": task.tokenizer.pad_token_id,
+        "source_length": task.source_len,
+        "max_new_tokens": task.max_target,
+    }
+    files.write_json(folder / "generation_config.json", generation)
+    sentencepiece = None
+    if task.sentencepiece is not None:
+        sentencepiece = task.sentencepiece.name
+        files.write_bytes(folder / sentencepiece, task.sentencepiece.read_bytes())
+    return {"tokenizer": "tokenizer.json", "sentencepiece": sentencepiece, "generation_config": "generation_config.json",
+            **generation}
 
 
 def bundle_files(folder: Path, language: Any) -> dict[str, Any]:
@@ -278,12 +323,16 @@ def _build_one(
             }
             record["details"] = built.details
             signature = fmt.inspect(staged)
-            if spec.format.value == "pte" and model.language is None:  # positional: the model's own order
+            if spec.format.value == "pte" and model.seq2seq is not None:
+                signature = signature.named(*seq2seq.SIGNATURE_NAMES)
+            elif spec.format.value == "pte" and model.language is None:  # positional: the model's own order
                 signature = signature.named(model.input_names, model.output_names)
             record["signature"] = signature.as_dict()
             with progress.stage(f"{spec.filename}: parity against the eager model"):
                 if isinstance(golden, lm_parity.Reference):
                     metrics = _measure_language_model(fmt, spec, staged, golden, model, record, folder)
+                elif isinstance(golden, seq2seq_parity.Reference):
+                    metrics = _measure_seq2seq(fmt, spec, staged, golden, model, record)
                 else:
                     metrics = measure(spec.format.value, spec.backend, staged, golden, model.logits_outputs,
                                       model.padding_mask)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import seq2seq
 from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, linears_not_called, plan_layers
 from ..sources import LoadedModel
@@ -151,9 +152,9 @@ def describe_failure(exc: BaseException) -> str:
 
 def delegation(edge: Any) -> dict[str, Any]:
     """How much of the graph the backend took; ops left to portable kernels run much slower."""
-    graph = edge.exported_program().graph_module
     delegated, remaining = 0, {}
-    for node in graph.graph.nodes:
+    nodes = [node for method in sorted(edge.methods) for node in edge.exported_program(method).graph.nodes]
+    for node in nodes:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target))
@@ -167,6 +168,8 @@ def delegation(edge: Any) -> dict[str, Any]:
 def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
     if model.language is not None:
         return build_decoder(model, spec, destination)
+    if model.seq2seq is not None:
+        return build_seq2seq(model, spec, destination)
     assert program is not None  # the pipeline traces once for every non-language model
     # No GGUF blocks to carry outside a language model: every linear is one the recipe re-quantises.
     module, layers = quantise(model.module, _with_scheme(spec, spec.requantise, []) if spec.requantise else spec,
@@ -230,10 +233,13 @@ def _dtype(info: Any) -> torch.dtype | None:
 
 
 def inspect(path: Path) -> Signature:
+    """The forward method's inputs and outputs; a program of named methods instead (a text-to-text model's
+    encode and decode) lists each method's, prefixed with the method's name, in the program's order."""
     from executorch.runtime import Runtime
 
     load_runtime_extensions()
-    meta = Runtime.get().load_program(str(path), data_path=data_file_of(path)).metadata("forward")
+    program = Runtime.get().load_program(str(path), data_path=data_file_of(path))
+    methods = ["forward"] if "forward" in program.method_names else [m for m in seq2seq.METHODS if m in program.method_names]
 
     def specs(count: int, getter: Any, prefix: str) -> tuple[TensorSpec, ...]:
         out = []
@@ -243,8 +249,14 @@ def inspect(path: Path) -> Signature:
             out.append(TensorSpec(f"{prefix}_{i}", str(dtype).removeprefix("torch.") if dtype else "?", tuple(info.sizes())))
         return tuple(out)
 
-    return Signature(specs(meta.num_inputs(), meta.input_tensor_meta, "input"),
-                     specs(meta.num_outputs(), meta.output_tensor_meta, "output"))
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    for method in methods:
+        meta = program.metadata(method)
+        prefix = "" if method == "forward" else f"{method}."
+        inputs += specs(meta.num_inputs(), meta.input_tensor_meta, f"{prefix}input")
+        outputs += specs(meta.num_outputs(), meta.output_tensor_meta, f"{prefix}output")
+    return Signature(inputs, outputs)
 
 
 def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
@@ -419,6 +431,66 @@ def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: P
     details, _ = lower(program, spec, destination, check_ir_validity=False)
     return Built(layers=layers, details={**details, "inputs": ["input_ids", "causal_mask"],
                                          "sample_input_shapes": llm.stateful_input_bounds(language.max_context)})
+
+
+def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """A T5 as one program with two methods: ``encode`` (the encoder, and every decoder layer's
+    cross-attention keys and values) and ``decode`` (one token, its self-attention cache in the program)."""
+    if spec.backend == "coreml":
+        raise ConversionError(spec.filename, "a text-to-text model is exported for ExecuTorch's XNNPACK and portable "
+                                             "backends; its Core ML program is not built yet")
+    task = model.seq2seq
+    t5 = task.working_copy()
+    encode, decode = seq2seq.step_modules(t5, task.max_target)
+    # Both methods read the same linears; each is quantised once, as a layer of the shared model. No GGUF
+    # blocks are carried here, so every linear takes the recipe's re-quantisation scheme, the lm_head its own.
+    head = ["lm_head"] if spec.lm_head_quant else []
+    _, layers = quantise(t5, _with_scheme(spec, spec.requantise or spec.quant, head), in_place=True)
+    if spec.lm_head_quant:
+        _, head_plan = quantise(t5, _with_scheme(spec, spec.lm_head_quant, ["(?!lm_head$).*"]), in_place=True)
+        layers = [next(h for h in head_plan if h.name == d.name) if d.name == "lm_head" else d for d in layers]
+    if spec.embedding_quant:  # each method holds its own copy of the table: int8 makes both four times smaller
+        _quantise_embedding(t5, layers, "" if spec.embedding_quant == "int8" else
+                            "; its own table: sharing the lm_head's rows is built for decoder-only programs")
+    if spec.backend == "xnnpack":
+        retrace_friendly(t5)
+    try:
+        programs = seq2seq.export_methods(encode, decode, task.source_len)
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"torch.export of the encode/decode steps failed: {describe_failure(exc)}") from exc
+    details, _ = lower(programs, spec, destination, check_ir_validity=False)
+    details.update(methods=list(seq2seq.METHODS), source_len=task.source_len, max_target=task.max_target)
+    if spec.smoothing:
+        details["options_not_applied"] = {"smoothing": "SmoothQuant is calibrated for decoder-only models"}
+    return Built(layers=layers, details=details)
+
+
+class _ProgramSeq2Seq:
+    """A .pte's encode and decode methods behind seq2seq_parity's stepper interface."""
+
+    def __init__(self, program: Any) -> None:
+        self.encode_method, self.decode_method = program.load_method("encode"), program.load_method("decode")
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
+        return self.encode_method.execute([torch.from_numpy(input_ids), torch.from_numpy(attention_mask)])[0]
+
+    def decode(self, state: torch.Tensor, token: int, position: int, attention_mask: np.ndarray) -> np.ndarray:
+        out = self.decode_method.execute([torch.tensor([[token]]), torch.tensor([position]), state,
+                                          torch.from_numpy(attention_mask)])[0]
+        return out.detach().numpy().reshape(-1).copy()
+
+
+def seq2seq_stepper(path: Path, backend: str = "xnnpack") -> Any:
+    """Encode once, decode token by token: how seq2seq_parity drives the program."""
+    if backend == "coreml" and platform.system() != "Darwin":
+        return None
+    from executorch.runtime import Runtime
+
+    load_runtime_extensions()
+    try:
+        return _ProgramSeq2Seq(Runtime.get().load_program(str(path)))
+    except RuntimeError as exc:
+        raise ConversionError(path.name, f"the ExecuTorch runtime cannot load the program ({exc})") from exc
 
 
 def lm_stepper(path: Path, backend: str = "xnnpack") -> Any:

@@ -136,6 +136,9 @@ def fully_connected_ops(flatbuffer: bytes | Path) -> list[dict[str, Any]]:
 
 
 def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
+    if model.seq2seq is not None:
+        raise ConversionError(spec.filename, "a text-to-text (encoder-decoder) model exports to .pte, one program "
+                                             "with encode and decode methods; its .tflite is not built yet")
     if model.language is not None:
         return build_decoder(model, spec, destination)
     scheme = SCHEMES[spec.quant]

@@ -77,11 +77,13 @@ class LoadedModel:
     make_inputs: Callable[[int], tuple[torch.Tensor, ...]] | None = None  # fresh inputs by seed
     program: torch.export.ExportedProgram | None = field(default=None, repr=False)  # when given traced
     language: Any = field(default=None, repr=False)  # sources.decoder.Language for causal LMs
+    seq2seq: Any = field(default=None, repr=False)  # sources.seq2seq.Seq2Seq for encoder-decoders (T5)
 
     @property
     def kind(self) -> str:
-        """What a target's artifact is built for (its `models` key): "language" or "tensor"."""
-        return "language" if self.language is not None else "tensor"
+        """What a target's artifact is built for (its `models` key): "language" (a causal LM, or an
+        encoder-decoder, judged by the same generation thresholds) or "tensor"."""
+        return "language" if self.language is not None or self.seq2seq is not None else "tensor"
 
     def fresh_inputs(self, count: int, seed: int = 1234) -> list[tuple[torch.Tensor, ...]]:
         """Inputs the model was not traced with, so parity is not measured on the sample itself."""

@@ -44,6 +44,8 @@ def infer_task(config: dict[str, Any], folder: Path) -> str:
     arch = architectures[0] if architectures else ""
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "text-generation"
+    if arch.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder"):
+        return "text2text-generation"
     if not arch:
         return "feature-extraction"
     for head, (task, _) in ENCODER_HEADS.items():
@@ -52,7 +54,7 @@ def infer_task(config: dict[str, Any], folder: Path) -> str:
     raise SourceError(
         f"{folder}: architecture {arch} is not supported; edgeship exports encoders as *Model (features) or with "
         f"one of the heads {', '.join('*' + h for h in ENCODER_HEADS if h != 'Model')}, and decoder-only causal "
-        "language models (*ForCausalLM)"
+        "language models (*ForCausalLM), and T5 text-to-text models (T5ForConditionalGeneration)"
     )
 
 
@@ -149,6 +151,10 @@ def load(folder: Path, options: SourceOptions) -> LoadedModel:
         from . import decoder
 
         return decoder.load_folder(folder, options)
+    if task == "text2text-generation":
+        from . import seq2seq
+
+        return seq2seq.load_folder(folder, config, options)
     return load_encoder(folder, config, task, options)
 
 

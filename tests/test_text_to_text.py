@@ -1,0 +1,162 @@
+"""T5 text-to-text models: one .pte with encode and decode methods, judged by teacher-forced decoder
+agreement and greedy generation against transformers' own forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporter import seq2seq
+from exporter.errors import SourceError
+from exporter.formats import format_module
+from exporter.pipeline import export
+from exporter.sources import SourceOptions, load_model
+from exporter.targets import load_target_file
+from tests.conftest import run_cli, write_target
+from tests.text_to_text import make_tiny_t5
+
+TARGET = """
+description = "text-to-text on ExecuTorch"
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+max_mean_kl = 0.001
+min_greedy_match = 1.0
+[[artifact]]
+# android's .pte recipe: with no GGUF blocks to carry, every linear is re-quantised to int8 dynamic
+name = "xnnpack-q4"
+format = "pte"
+quant = "8da4w"
+group_size = 32
+requantise = "int8-dynamic"
+lm_head_quant = "int8-dynamic"
+smoothing = 0.5
+embedding_quant = "tied"
+[artifact.parity]
+min_token_agreement = 0.8
+max_mean_kl = 0.2
+[[artifact]]
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+"""
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_step_modules_compute_what_transformers_computes(tmp_path: Path, feed_forward: str) -> None:
+    """Encode once, decode token by token with the cache (in the program, or kept by the caller): the
+    logits of transformers' whole forward, with padding in the source (Flan-T5's gated GELU and untied head; T5's ReLU and rescaled tied head)."""
+    folder = make_tiny_t5(tmp_path / "t5", feed_forward)
+    task = load_model(str(folder), SourceOptions(seq_len=16, context_len=12)).seq2seq
+    ids, mask = torch.randint(3, 200, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    ids[0, 10:], mask[0, 10:] = 0, 0
+    target = torch.randint(3, 200, (1, 12))
+    target[0, 0] = task.start_token
+    with torch.no_grad():
+        want = task.model(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits[0].double()
+        encode, decode = seq2seq.step_modules(task.model, 12)
+        cross = encode(ids, mask)
+        got = torch.stack([decode(target[:, p:p + 1], torch.tensor([p]), cross, mask)[0] for p in range(12)]).double()
+        stateless = seq2seq.DecodeWithCacheInput(task.model, 12).eval()
+        self_kv = torch.zeros(2 * 2, 12, 4, 16)  # the caller's cache: [2 * layers, max_target, heads, d_kv]
+        kept = []
+        for p in range(12):
+            logits, step_kv = stateless(target[:, p:p + 1], torch.tensor([p]), cross, mask, self_kv)
+            self_kv[:, p] = step_kv
+            kept.append(logits[0])
+        kept = torch.stack(kept).double()
+        exact = task.model.double()(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits[0]
+    # Peaked random weights give logits in the hundreds: the steps are held to fp32 rounding, measured as
+    # transformers' own fp32 forward's distance from its fp64 forward.
+    rounding = (want - exact).abs().max()
+    assert (got - exact).abs().max() <= 2 * rounding + 1e-4, ((got - exact).abs().max(), rounding)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (kept - exact).abs().max() <= 2 * rounding + 1e-4, ((kept - exact).abs().max(), rounding)
+
+
+@pytest.fixture(scope="module")
+def t5_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("t5")
+    folder = make_tiny_t5(root / "flan-t5-tiny")
+    target = load_target_file(write_target(root, "text-to-text", TARGET))
+    summary = export(target, load_model(str(folder), SourceOptions(seq_len=32, context_len=24)), root / "dist")
+    manifest = json.loads((summary.folder / "manifest.json").read_text())
+    return {"summary": summary, "manifest": manifest, "by_name": {a["name"]: a for a in manifest["artifacts"]}}
+
+
+def test_t5_pte_passes_seq2seq_parity_on_executorch(t5_export: dict) -> None:
+    for name in ("xnnpack-fp32", "xnnpack-q4"):
+        record = t5_export["by_name"][name]
+        assert record["status"] == "passed", (name, record.get("failures"), record.get("error"))
+        metrics = record["parity"]["metrics"]
+        assert metrics["eval_tokens"] >= 60 and len(metrics["greedy_by_prompt"]) >= 3
+    fp32 = t5_export["by_name"]["xnnpack-fp32"]["parity"]["metrics"]
+    assert fp32["token_agreement"] == 1.0 and fp32["greedy_match"] == 1.0
+
+
+def test_t5_pte_has_encode_and_decode_methods(t5_export: dict) -> None:
+    record = t5_export["by_name"]["xnnpack-q4"]
+    inputs = {i["name"]: i["shape"] for i in record["signature"]["inputs"]}
+    assert inputs["encode.input_ids"] == [1, 32] and inputs["decode.token"] == [1, 1]
+    assert [o["name"] for o in record["signature"]["outputs"]] == ["encode.cross_kv", "decode.logits"]
+    # every decoder layer's cross-attention keys and values, computed once by encode: [2 * layers, heads, S, d_kv]
+    assert [o["shape"] for o in record["signature"]["outputs"]][0] == [4, 4, 32, 16]
+    assert record["quantisation"]["float_layers"] == 0
+    details = {d["layer"]: d["detail"] for d in record["quantisation"]["layers"]}
+    assert details["lm_head"].startswith("int8") and details["shared"].startswith("int8 groups of 32 (embedding_byte)")
+    assert record["details"]["methods"] == ["encode", "decode"]
+    assert set(record["details"]["options_not_applied"]) == {"smoothing"}
+
+
+def test_t5_bundle_carries_the_sentencepiece_tokenizer_and_generation_config(t5_export: dict) -> None:
+    folder: Path = t5_export["summary"].folder
+    bundle = t5_export["manifest"]["bundle"]
+    assert (folder / "spiece.model").is_file() and (folder / "tokenizer.json").is_file()
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["decoder_start_token_id"] == 0 and generation["eos_token_ids"] == [1]
+    assert generation["source_length"] == 32 and bundle["sentencepiece"] == "spiece.model"
+
+
+def test_t5_golden_replays_on_the_artifact(t5_export: dict) -> None:
+    """What `edgeship validate` does where the model is not at hand: golden.npz alone judges the .pte."""
+    from exporter import seq2seq_parity
+
+    folder: Path = t5_export["summary"].folder
+    golden = dict(np.load(folder / "golden.npz"))
+    stepper = format_module("pte").seq2seq_stepper(folder / "xnnpack-fp32.pte")
+    replayed = seq2seq_parity.replay(stepper, golden)
+    assert replayed["token_agreement"] == 1.0 and replayed["greedy_match"] == 1.0
+
+
+def test_t5_formats_without_a_text_to_text_build_say_so(t5_export: dict) -> None:
+    record = t5_export["by_name"]["litert-fp32"]
+    assert record["status"] == "error"
+    assert "exports to .pte, one program with encode and decode methods" in record["error"]
+
+
+def test_an_unsupported_encoder_decoder_is_refused_naming_t5(tmp_path: Path) -> None:
+    folder = tmp_path / "bart"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bart", "is_encoder_decoder": True,
+                                                    "architectures": ["BartForConditionalGeneration"]}))
+    with pytest.raises(SourceError, match="model_type 'bart' is not supported; edgeship exports T5 / Flan-T5"):
+        load_model(str(folder))
+
+
+def test_validate_and_device_test_on_a_t5_export(t5_export: dict) -> None:
+    """`edgeship validate` replays golden.npz through both methods; `device-test` says it cannot drive them
+    yet (exit 2) instead of failing on a board."""
+    folder: Path = t5_export["summary"].folder
+    validated = run_cli("validate", str(folder))
+    assert validated.returncode == 0, validated.stderr[-2000:]
+    records = {a["name"]: a for a in json.loads((folder / "manifest.json").read_text())["artifacts"]}
+    assert records["xnnpack-fp32"]["parity"]["metrics"]["greedy_match"] == 1.0
+    refused = run_cli("device-test", str(folder), "--devices", str(folder / "no-inventory.toml"))
+    assert refused.returncode == 2 and "does not drive its two methods yet" in refused.stderr
