@@ -46,6 +46,21 @@ format = "tflite"
 quant = "fp32"
 [artifact.parity]
 min_token_agreement = 0.99
+max_mean_kl = 0.001
+min_greedy_match = 1.0
+[[artifact]]
+format = "tflite"
+quant = "int8-dynamic"
+smoothing = 0.5
+[artifact.parity]
+min_token_agreement = 0.8
+max_mean_kl = 0.2
+[[artifact]]
+format = "mlpackage"
+quant = "int8-weight"
+deployment_target = "iOS18"
+[artifact.parity]
+min_token_agreement = 0.8
 """
 
 
@@ -91,14 +106,25 @@ def t5_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"summary": summary, "manifest": manifest, "by_name": {a["name"]: a for a in manifest["artifacts"]}}
 
 
-def test_t5_pte_passes_seq2seq_parity_on_executorch(t5_export: dict) -> None:
-    for name in ("xnnpack-fp32", "xnnpack-q4"):
+def test_t5_pte_and_tflite_pass_seq2seq_parity_on_their_runtimes(t5_export: dict) -> None:
+    for name in ("xnnpack-fp32", "xnnpack-q4", "litert-fp32", "litert-int8-dynamic"):
         record = t5_export["by_name"][name]
         assert record["status"] == "passed", (name, record.get("failures"), record.get("error"))
         metrics = record["parity"]["metrics"]
         assert metrics["eval_tokens"] >= 60 and len(metrics["greedy_by_prompt"]) >= 3
-    fp32 = t5_export["by_name"]["xnnpack-fp32"]["parity"]["metrics"]
-    assert fp32["token_agreement"] == 1.0 and fp32["greedy_match"] == 1.0
+    for name in ("xnnpack-fp32", "litert-fp32"):
+        fp32 = t5_export["by_name"][name]["parity"]["metrics"]
+        assert fp32["token_agreement"] == 1.0 and fp32["greedy_match"] == 1.0, name
+
+
+def test_t5_tflite_has_encode_and_decode_signatures_with_the_cache_passed_in(t5_export: dict) -> None:
+    record = t5_export["by_name"]["litert-int8-dynamic"]
+    inputs = {i["name"]: i["shape"] for i in record["signature"]["inputs"]}
+    outputs = {o["name"]: o["shape"] for o in record["signature"]["outputs"]}
+    assert inputs["encode.input_ids"] == [1, 32] and inputs["decode.token"] == [1, 1]
+    assert inputs["decode.self_kv"] == [4, 24, 4, 16] and outputs["decode.step_kv"] == [4, 4, 16]
+    assert outputs["encode.cross_kv"] == [4, 4, 32, 16] and outputs["decode.logits"][0] == 1
+    assert record["quantisation"]["float_layers"] == 0 and record["details"]["signatures"] == ["encode", "decode"]
 
 
 def test_t5_pte_has_encode_and_decode_methods(t5_export: dict) -> None:
@@ -136,9 +162,9 @@ def test_t5_golden_replays_on_the_artifact(t5_export: dict) -> None:
 
 
 def test_t5_formats_without_a_text_to_text_build_say_so(t5_export: dict) -> None:
-    record = t5_export["by_name"]["litert-fp32"]
+    record = t5_export["by_name"]["mlprogram-int8-weight"]
     assert record["status"] == "error"
-    assert "exports to .pte, one program with encode and decode methods" in record["error"]
+    assert "its .mlpackage is not built yet" in record["error"]
 
 
 def test_an_unsupported_encoder_decoder_is_refused_naming_t5(tmp_path: Path) -> None:

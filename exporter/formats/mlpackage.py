@@ -91,8 +91,8 @@ def compressed_weights(mlmodel: Any) -> dict[str, tuple[str, ...]]:
 
 def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
     if model.seq2seq is not None:
-        raise ConversionError(spec.filename, "a text-to-text (encoder-decoder) model exports to .pte, one program "
-                                             "with encode and decode methods; its .mlpackage is not built yet")
+        raise ConversionError(spec.filename, "a text-to-text (encoder-decoder) model exports to .pte and .tflite, "
+                                             "each with encode and decode steps; its .mlpackage is not built yet")
     if model.language is not None:
         return build_decoder(model, spec, destination)
     assert program is not None  # the pipeline traces once for every non-language model

@@ -137,8 +137,7 @@ def fully_connected_ops(flatbuffer: bytes | Path) -> list[dict[str, Any]]:
 
 def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
     if model.seq2seq is not None:
-        raise ConversionError(spec.filename, "a text-to-text (encoder-decoder) model exports to .pte, one program "
-                                             "with encode and decode methods; its .tflite is not built yet")
+        return build_seq2seq(model, spec, destination)
     if model.language is not None:
         return build_decoder(model, spec, destination)
     scheme = SCHEMES[spec.quant]
@@ -147,15 +146,107 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
     if scheme.weight_bits is None:
         destination.write_bytes(flatbuffer)
         return Built(layers=plan)
-    weights = {name: m.weight.detach().numpy() for name, m in model.module.named_modules()
-               if isinstance(m, torch.nn.Linear)}
+    quantised, layers, count = _quantise_matched(flatbuffer, model.module, plan, spec)
+    destination.write_bytes(quantised)
+    return Built(layers=layers, details={"fully_connected_ops": count})
+
+
+def _quantise_matched(flatbuffer: bytes, module: torch.nn.Module, plan: list[LayerDecision],
+                      spec: ArtifactSpec) -> tuple[bytes, list[LayerDecision], int]:
+    """The planned linears' FULLY_CONNECTED ops (in every signature) quantised with the spec's scheme."""
+    weights = {name: m.weight.detach().numpy() for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
     ops = fully_connected_ops(flatbuffer)
     layer_of = match_layers(ops, weights)
     chosen = {d.name for d in plan if d.quantised}
     selected = [op for op in ops if layer_of.get(op["scope"]) in chosen]
     quantised_bytes = _quantise(flatbuffer, selected, library_config("tflite", spec.quant, spec.group_size), spec)
-    destination.write_bytes(quantised_bytes)
-    return Built(layers=_confirm(plan, ops, layer_of, quantised_bytes), details={"fully_connected_ops": len(ops)})
+    return quantised_bytes, _confirm(plan, ops, layer_of, quantised_bytes), len(ops)
+
+
+class _Signature(torch.nn.Module):
+    """A step with keyword inputs and named outputs, so the signature's tensors carry those names."""
+
+    def __init__(self, step: torch.nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.step, self.inputs, self.outputs = step, inputs, outputs
+
+    def forward(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.step(*(tensors[name] for name in self.inputs))
+        return dict(zip(self.outputs, out if isinstance(out, tuple) else (out,)))
+
+
+def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """A T5 as one flatbuffer with two signatures: ``encode`` (the encoder, and every decoder layer's
+    cross-attention keys and values) and ``decode`` (one token; LiteRT keeps no state in the model, so the
+    caller passes the self-attention cache in and writes the step's keys and values back)."""
+    import litert_torch
+
+    from .. import seq2seq
+
+    task = model.seq2seq
+    t5 = task.model  # converted as it is: the quantiser works on the flatbuffer, not on the module
+    encode, decode = seq2seq.Encode(t5).eval(), seq2seq.DecodeWithCacheInput(t5, task.max_target).eval()
+    ids = torch.zeros(1, task.source_len, dtype=torch.long)
+    mask = torch.ones(1, task.source_len, dtype=torch.long)
+    with torch.no_grad():
+        cross = encode(ids, mask)
+    self_kv = torch.zeros(cross.shape[0], task.max_target, *cross.shape[1:2], cross.shape[3])
+    decode_inputs = {"token": torch.zeros(1, 1, dtype=torch.long), "position": torch.tensor([0]), "cross_kv": cross,
+                     "attention_mask": mask, "self_kv": self_kv}
+    try:
+        converted = (litert_torch.signature("encode", _Signature(encode, ("input_ids", "attention_mask"), ("cross_kv",)),
+                                            sample_kwargs={"input_ids": ids, "attention_mask": mask})
+                     .signature("decode", _Signature(decode, tuple(decode_inputs), ("logits", "step_kv")),
+                                sample_kwargs=decode_inputs)
+                     .convert())
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(spec.filename, f"litert-torch could not convert the encode/decode steps: {text}") from exc
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "float.tflite"
+        converted.export(str(path))
+        flatbuffer = path.read_bytes()
+    plan = plan_layers(t5, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+    details: dict[str, Any] = {"signatures": ["encode", "decode"], "source_len": task.source_len,
+                               "max_target": task.max_target}
+    if spec.smoothing:
+        details["options_not_applied"] = {"smoothing": "SmoothQuant is calibrated for decoder-only models"}
+    if SCHEMES[spec.quant].weight_bits is None:
+        destination.write_bytes(flatbuffer)
+        return Built(layers=plan, details=details)
+    quantised, layers, count = _quantise_matched(flatbuffer, t5, plan, spec)
+    destination.write_bytes(quantised)
+    return Built(layers=layers, details={**details, "fully_connected_ops": count})
+
+
+class _LiteRTSeq2Seq:
+    """A .tflite's encode and decode signatures behind seq2seq_parity's stepper interface; the caller's side
+    of the self-attention cache lives here."""
+
+    def __init__(self, path: Path) -> None:
+        interpreter = _interpreter(path=path)
+        self.runners = {name: interpreter.get_signature_runner(name) for name in ("encode", "decode")}
+        # litert-torch stores int64 inputs as int32: each input is fed in the type the signature declares
+        self.dtypes = {name: {k: d["dtype"] for k, d in runner.get_input_details().items()}
+                       for name, runner in self.runners.items()}
+        self.cache_shape = tuple(int(s) for s in self.runners["decode"].get_input_details()["self_kv"]["shape"])
+
+    def _run(self, name: str, **inputs: Any) -> dict[str, np.ndarray]:
+        return self.runners[name](**{k: np.asarray(v).astype(self.dtypes[name][k]) for k, v in inputs.items()})
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        cross = self._run("encode", input_ids=input_ids, attention_mask=attention_mask)["cross_kv"]
+        return {"cross_kv": cross, "self_kv": np.zeros(self.cache_shape, np.float32)}
+
+    def decode(self, state: dict[str, np.ndarray], token: int, position: int, attention_mask: np.ndarray) -> np.ndarray:
+        out = self._run("decode", token=[[token]], position=[position], cross_kv=state["cross_kv"],
+                        attention_mask=attention_mask, self_kv=state["self_kv"])
+        state["self_kv"][:, position] = out["step_kv"]
+        return out["logits"].reshape(-1)
+
+
+def seq2seq_stepper(path: Path, backend: str = "litert") -> Any:
+    return _LiteRTSeq2Seq(path)
 
 
 def _confirm(plan: list[LayerDecision], ops: list[dict[str, Any]], layer_of: dict[str, str],
@@ -201,16 +292,26 @@ def inspect(path: Path) -> Signature:
     """The signature a caller runs: the only one, or ``decode`` for language models (per generated token)."""
     interpreter = _interpreter(path=path)
     names = list(interpreter.get_signature_list())
-    runner = interpreter.get_signature_runner("decode" if "decode" in names and len(names) > 1 else names[0])
+    if sorted(names) == ["decode", "encode"]:  # a text-to-text model: both steps, prefixed with their names
+        shown = ["encode", "decode"]
+    else:
+        shown = ["decode" if "decode" in names and len(names) > 1 else names[0]]
 
     from device_tests.runner import signature_order
 
-    def specs(details: dict[str, Any], kind: str) -> tuple[TensorSpec, ...]:
+    def specs(details: dict[str, Any], kind: str, prefix: str) -> tuple[TensorSpec, ...]:
         ordered = signature_order(interpreter, details, kind)
-        return tuple(TensorSpec(k, np.dtype(details[k]["dtype"]).name, tuple(int(s) for s in details[k]["shape"]))
+        return tuple(TensorSpec(prefix + k, np.dtype(details[k]["dtype"]).name, tuple(int(s) for s in details[k]["shape"]))
                      for k in ordered)
 
-    return Signature(specs(runner.get_input_details(), "inputs"), specs(runner.get_output_details(), "outputs"))
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    for name in shown:
+        runner = interpreter.get_signature_runner(name)
+        prefix = f"{name}." if len(shown) > 1 else ""
+        inputs += specs(runner.get_input_details(), "inputs", prefix)
+        outputs += specs(runner.get_output_details(), "outputs", prefix)
+    return Signature(inputs, outputs)
 
 
 # --- language models -------------------------------------------------------------------------------
