@@ -127,15 +127,20 @@ class _DecoderStep(nn.Module):
                         bias: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _position_bias(self, position: torch.Tensor) -> torch.Tensor:
+        """[1, H, 1, max_target]: T5's learned bias at each cached token's distance back from ``position``,
+        and the positions not written yet masked."""
+        keys_at = torch.arange(self.max_target)
+        distance = (position - keys_at).clamp(min=0)
+        first = self.inner.decoder.block[0].layer[0].SelfAttention
+        bias = first.relative_attention_bias(self.distance_buckets[distance]).transpose(0, 1)  # [H, T]
+        return bias.reshape(1, self.heads, 1, self.max_target) + torch.where(
+            keys_at <= position, 0.0, _MASKED).reshape(1, 1, 1, -1)
+
     def _logits(self, token: torch.Tensor, position: torch.Tensor, cross_kv: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
         decoder = self.inner.decoder
-        keys_at = torch.arange(self.max_target)
-        distance = (position - keys_at).clamp(min=0)
-        first = decoder.block[0].layer[0].SelfAttention
-        self_bias = first.relative_attention_bias(self.distance_buckets[distance]).transpose(0, 1)  # [H, T]
-        self_bias = self_bias.reshape(1, self.heads, 1, self.max_target) + torch.where(
-            keys_at <= position, 0.0, _MASKED).reshape(1, 1, 1, -1)
+        self_bias = self._position_bias(position)
         cross_bias = _padding_bias(attention_mask)
         hidden = decoder.embed_tokens(token)
         for i, block in enumerate(decoder.block):
@@ -206,6 +211,41 @@ class DecodeWithCacheInput(_DecoderStep):
         self._cache, self._step = self_kv, []
         logits = self._logits(token, position, cross_kv, attention_mask)
         return logits, torch.stack(self._step)
+
+
+class StatefulDecode(_DecoderStep):
+    """For Core ML (iOS 18+), which keeps buffers written in place as model state: token [1, 1], decoder_mask
+    [1, 1, 1, position + 1] (zeros: the tokens so far, this one last), cross_kv, attention_mask [1, S] -> logits
+    [1, vocab]. Where the token goes comes from the mask's length, as in the stateful decoder LMs, so no
+    position value is needed in the graph; the cache is a buffer per layer ([1, heads, max_target, d_kv])."""
+
+    def __init__(self, t5: nn.Module, max_target: int) -> None:
+        super().__init__(t5, max_target)
+        # One spare row: a mask as long as the whole cache would let torch.export specialise on that length.
+        shape = (1, self.heads, max_target + 1, t5.config.d_kv)
+        for i in range(len(t5.decoder.block)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def _self_attention(self, layer: int, attention: nn.Module, x: torch.Tensor, position: torch.Tensor,
+                        bias: torch.Tensor) -> torch.Tensor:
+        end = self._end
+        k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+        k_cache[:, :, end - 1:end, :] = _heads(attention.k(x), self.heads)
+        v_cache[:, :, end - 1:end, :] = _heads(attention.v(x), self.heads)
+        return _attend(_heads(attention.q(x), self.heads), k_cache[:, :, :end, :], v_cache[:, :, :end, :], bias)
+
+    def _position_bias(self, position: torch.Tensor) -> torch.Tensor:
+        end = self._end
+        distance = (end - 1) - torch.arange(end)
+        first = self.inner.decoder.block[0].layer[0].SelfAttention
+        bias = first.relative_attention_bias(self.distance_buckets[distance]).transpose(0, 1)  # [H, end]
+        return bias.reshape(1, self.heads, 1, end) + self._mask
+
+    def forward(self, token: torch.Tensor, decoder_mask: torch.Tensor, cross_kv: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        self._end, self._mask = decoder_mask.shape[-1], decoder_mask
+        return self._logits(token, torch.tensor([decoder_mask.shape[-1] - 1]), cross_kv, attention_mask)
 
 
 def step_modules(t5: nn.Module, max_target: int) -> tuple[Encode, Decode]:

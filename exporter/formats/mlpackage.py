@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import re
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
-from ..quant import SCHEMES, LayerDecision, confirm, library_config, plan_layers
+from ..quant import SCHEMES, LayerDecision, confirm, library_config, linears_not_called, plan_layers
 from ..sources import LoadedModel
 from ..targets import DEPLOYMENT_TARGETS, ArtifactSpec
 from . import Built, Runner, Signature, TensorSpec
@@ -25,8 +26,9 @@ _SPARSE_OP = "constexpr_sparse_to_dense"
 
 
 def _mil_name(torch_name: str) -> str:
-    """torch.export names a parameter ``a.b.weight`` as ``p_a_b_weight``; coremltools keeps that stem."""
-    return "p_" + torch_name.replace(".", "_") + "_weight"
+    """torch.export names a parameter ``a.B.weight`` as ``p_a_b_weight`` (lower case: T5's ``SelfAttention``);
+    coremltools keeps that stem."""
+    return ("p_" + torch_name.replace(".", "_") + "_weight").lower()
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -91,8 +93,7 @@ def compressed_weights(mlmodel: Any) -> dict[str, tuple[str, ...]]:
 
 def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec: ArtifactSpec, destination: Path) -> Built:
     if model.seq2seq is not None:
-        raise ConversionError(spec.filename, "a text-to-text (encoder-decoder) model exports to .pte and .tflite, "
-                                             "each with encode and decode steps; its .mlpackage is not built yet")
+        return build_seq2seq(model, spec, destination)
     if model.language is not None:
         return build_decoder(model, spec, destination)
     assert program is not None  # the pipeline traces once for every non-language model
@@ -146,6 +147,59 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     return Built(layers=layers, details={"deployment_target": spec.deployment_target,
                                          "compute_precision": spec.compute_precision, "max_context": context - 1,
                                          "inputs": ["input_ids", "causal_mask"], "kv_cache_states": states})
+
+
+def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
+    """A T5 as one package with two functions (iOS 18 multifunction): ``encode`` (the encoder, and every
+    decoder layer's cross-attention keys and values) and ``decode`` (one token; its self-attention cache is
+    model state, where the token goes given by the length of ``decoder_mask``). Apps load the function they
+    call (``MLModelConfiguration.functionName``) and make one state per input for decode."""
+    import coremltools as ct
+
+    from .. import seq2seq
+
+    if DEPLOYMENT_TARGETS.index(spec.deployment_target or "iOS17") < DEPLOYMENT_TARGETS.index("iOS18"):
+        raise ConversionError(spec.filename, f"a text-to-text package keeps its decoder cache as state in a "
+                                             f"multifunction package, which needs deployment_target = \"iOS18\" or "
+                                             f"later (the target says {spec.deployment_target or 'iOS17'})")
+    task = model.seq2seq
+    t5 = task.working_copy()
+    encode, decode = seq2seq.Encode(t5).eval(), seq2seq.StatefulDecode(t5, task.max_target).eval()
+    ids = torch.zeros(1, task.source_len, dtype=torch.long)
+    mask = torch.ones(1, task.source_len, dtype=torch.long)
+    with torch.no_grad():
+        cross = encode(ids, mask)
+    decode_sample = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 2), cross, mask)
+    end = torch.export.Dim("end", min=1, max=task.max_target)
+    try:
+        with torch.no_grad():
+            programs = {"encode": (torch.export.export(encode, (ids, mask), strict=False), encode, (ids, mask), "cross_kv"),
+                        "decode": (torch.export.export(decode, decode_sample, dynamic_shapes=(None, {3: end}, None, None),
+                                                       strict=False), decode, decode_sample, "logits")}
+    except Exception as exc:
+        raise ConversionError(spec.filename, f"torch.export of the encode/decode steps failed: {exc}") from exc
+    layers: list[LayerDecision] = []
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (program, step, sample, output) in programs.items():
+            # each function is planned over the linears it calls (the steps share one T5)
+            unused = linears_not_called(step, sample)
+            plan = [d for d in plan_layers(step, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
+                    if d.name not in unused]
+            mlmodel, confirmed = _compress(convert(program, spec), plan, spec)
+            mlmodel = _named_features(mlmodel, tuple(f.name for f in mlmodel.get_spec().description.input), (output,))
+            layers += confirmed
+            part = Path(scratch) / f"{name}.mlpackage"
+            _save(mlmodel, spec, part)
+            descriptor.add_function(str(part), src_function_name="main", target_function_name=name)
+        descriptor.default_function_name = "decode"
+        try:
+            ct.utils.save_multifunction(descriptor, str(destination))
+        except Exception as exc:
+            raise ConversionError(spec.filename, f"saving the two functions as one package failed: {exc}") from exc
+    return Built(layers=layers, details={"deployment_target": spec.deployment_target,
+                                         "compute_precision": spec.compute_precision, "functions": ["encode", "decode"],
+                                         "source_len": task.source_len, "max_target": task.max_target})
 
 
 def _save(mlmodel: Any, spec: ArtifactSpec, destination: Path) -> None:
@@ -227,6 +281,35 @@ def lm_stepper(path: Path, backend: str = "mlprogram") -> Any:
     return coreml_lm_stepper(str(path))
 
 
+class _CoreMLSeq2Seq:
+    """A package's encode and decode functions behind seq2seq_parity's stepper interface (macOS only): one
+    Core ML state per input, the decoder's position given by the length of its mask."""
+
+    def __init__(self, path: Path) -> None:
+        import coremltools as ct
+
+        self.encoder = ct.models.MLModel(str(path), function_name="encode")
+        self.decoder = ct.models.MLModel(str(path), function_name="decode")
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, Any]:
+        ids, mask = input_ids.astype(np.int32), attention_mask.astype(np.int32)
+        cross = self.encoder.predict({"input_ids": ids, "attention_mask": mask})["cross_kv"]
+        return {"cross_kv": cross, "attention_mask": mask, "state": self.decoder.make_state()}
+
+    def decode(self, state: dict[str, Any], token: int, position: int, attention_mask: np.ndarray) -> np.ndarray:
+        inputs = {"token": np.array([[token]], np.int32), "decoder_mask": np.zeros((1, 1, 1, position + 1), np.float32),
+                  "cross_kv": state["cross_kv"], "attention_mask": state["attention_mask"]}
+        return np.asarray(self.decoder.predict(inputs, state=state["state"])["logits"], np.float32).reshape(-1)
+
+
+def seq2seq_stepper(path: Path, backend: str = "mlprogram") -> Any:
+    """Encode once, decode token by token with the package's two functions, or None off macOS (parity stays
+    pending a Mac; the package's structure is checked instead)."""
+    if platform.system() != "Darwin":
+        return None
+    return _CoreMLSeq2Seq(path)
+
+
 _ARRAY_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
 
 
@@ -242,6 +325,11 @@ def inspect(path: Path) -> Signature:
             out.append(TensorSpec(feature.name, _ARRAY_DTYPES.get(array.dataType, str(array.dataType)), tuple(array.shape)))
         return tuple(out)
 
+    if spec.description.functions:  # a multifunction package: each function's, prefixed with its name
+        return Signature(tuple(replace(t, name=f"{f.name}.{t.name}") for f in spec.description.functions
+                               for t in specs(f.input)),
+                         tuple(replace(t, name=f"{f.name}.{t.name}") for f in spec.description.functions
+                               for t in specs(f.output)))
     return Signature(specs(spec.description.input), specs(spec.description.output))
 
 
@@ -252,9 +340,23 @@ def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
 
     signature = inspect(path)
     checks = [{"check": "package loads (spec and weights readable)", "passed": True}]
-    states = [state.name for state in ct.utils.load_spec(str(path)).description.state]
+    description = ct.utils.load_spec(str(path)).description
+    states = [state.name for state in description.state]
     got_inputs = [t.shape for t in signature.inputs]
-    if states:  # a stateful decoder: its own inputs, and one key and one value cache per attention layer
+    if description.functions:  # a text-to-text pair: encode, and decode with its cache as state
+        functions = {f.name: f for f in description.functions}
+        checks.append({"check": "package holds the encode and decode functions",
+                       "passed": sorted(functions) == ["decode", "encode"], "found": sorted(functions)})
+        decode_states = [s.name for s in functions["decode"].state] if "decode" in functions else []
+        keys = sorted(s.removeprefix("k_cache_") for s in decode_states if s.startswith("k_cache_"))
+        values = sorted(s.removeprefix("v_cache_") for s in decode_states if s.startswith("v_cache_"))
+        checks.append({"check": "decode keeps a key and a value cache per decoder layer as state",
+                       "passed": bool(keys) and keys == values and len(keys) + len(values) == len(decode_states),
+                       "found": decode_states})
+        checks.append({"check": "outputs are encode's cross_kv and decode's logits",
+                       "passed": sorted(t.name for t in signature.outputs) == ["decode.logits", "encode.cross_kv"],
+                       "found": [t.name for t in signature.outputs]})
+    elif states:  # a stateful decoder: its own inputs, and one key and one value cache per attention layer
         names = [t.name for t in signature.inputs]
         checks.append({"check": "decoder inputs are input_ids and causal_mask",
                        "passed": names == ["input_ids", "causal_mask"], "found": names})
@@ -267,8 +369,9 @@ def check(path: Path, input_shapes: list[tuple[int, ...]], output_count: int,
         want_inputs = [tuple(s) for s in input_shapes]
         checks.append({"check": "input shapes match the model", "passed": want_inputs == got_inputs,
                        "expected": [list(s) for s in want_inputs], "found": [list(s) for s in got_inputs]})
-    checks.append({"check": "output count matches the model", "passed": len(signature.outputs) == output_count,
-                   "expected": output_count, "found": len(signature.outputs)})
+    if not description.functions:
+        checks.append({"check": "output count matches the model", "passed": len(signature.outputs) == output_count,
+                       "expected": output_count, "found": len(signature.outputs)})
     weights = path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     checks.append({"check": "weights file present", "passed": weights.is_file()})
     saved = saved_compressed_weights(path)
