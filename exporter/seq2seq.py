@@ -258,6 +258,32 @@ def export_methods(encode: Encode, decode: Decode, source_len: int) -> dict[str,
     mask = torch.ones(1, source_len, dtype=torch.long)
     with torch.no_grad():
         cross = encode(ids, mask)
-        return {"encode": torch.export.export(encode, (ids, mask), strict=False),
-                "decode": torch.export.export(decode, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]),
-                                                       cross, mask), strict=False)}
+        return {"encode": without_unused_weights(torch.export.export(encode, (ids, mask), strict=False)),
+                "decode": without_unused_weights(torch.export.export(
+                    decode, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]), cross, mask), strict=False))}
+
+
+def without_unused_weights(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Drop the weights a step never reads. Both steps hold the whole T5, and torch.export lifts every
+    weight of the module; ExecuTorch drops unread float parameters but keeps unread buffers and constants,
+    which is what quantised weights are: each method stored the other's int8 linears (a third of the
+    Flan-T5-small .pte)."""
+    import copy
+
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    unread = [spec for spec in program.graph_signature.input_specs
+              if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+              and not placeholders[spec.arg.name].users]
+    if not unread:
+        return program
+    signature = copy.deepcopy(program.graph_signature)
+    for spec in unread:
+        signature.input_specs.remove(spec)
+        program.state_dict.pop(spec.target, None)
+        program.constants.pop(spec.target, None)
+        program.graph.erase_node(placeholders[spec.arg.name])
+    program._graph_signature = signature  # private, as ExecuTorch's own unused-parameter pass sets it
+    program.graph_module.recompile()
+    return program

@@ -198,3 +198,25 @@ def test_validate_and_device_test_on_a_t5_export(t5_export: dict) -> None:
     assert records["xnnpack-fp32"]["parity"]["metrics"]["greedy_match"] == 1.0
     refused = run_cli("device-test", str(folder), "--devices", str(folder / "no-inventory.toml"))
     assert refused.returncode == 2 and "does not drive its two methods yet" in refused.stderr
+
+
+def test_each_method_keeps_only_the_weights_it_reads(tmp_path: Path) -> None:
+    """Both steps hold the whole (quantised) T5; each method's program keeps only its own weights, or the
+    .pte stores every int8 linear twice."""
+    from exporter.formats.pte import quantise
+    from exporter.formats.xnnpack_linears import retrace_friendly
+
+    task = load_model(str(make_tiny_t5(tmp_path / "t5")), SourceOptions(seq_len=16, context_len=8)).seq2seq
+    spec = load_target_file(write_target(tmp_path, "t", TARGET)).artifacts[1]  # the int8 recipe
+    t5, _ = quantise(task.working_copy(), spec)
+    retrace_friendly(t5)
+    programs = seq2seq.export_methods(*seq2seq.step_modules(t5, 8), 16)
+
+    def weights(method: str) -> set[str]:
+        program = programs[method]
+        return {name for name in [*program.state_dict, *program.constants] if "cache" not in name}
+
+    encoder_only = {n for n in weights("encode") if ".encoder." in n}
+    assert encoder_only and not encoder_only & weights("decode")
+    assert any("SelfAttention.q" in n for n in weights("decode") if ".decoder." in n)
+    assert not any(".decoder.block.0.layer.0." in n for n in weights("encode"))
