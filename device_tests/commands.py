@@ -36,10 +36,6 @@ def device_test_command(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     data = manifest.require(folder)
-    if data["golden"].get("kind") == "text-to-text":
-        raise DeviceError(f"{folder}: a text-to-text export (encode and decode steps) is checked on this host when "
-                          "it is exported and with `edgeship validate`; the device runner does not drive its two "
-                          "methods yet")
     devices = _select(args, data["target"]["name"])
     settings = Settings(iterations=args.iterations, warmup=args.warmup, time_budget_s=args.time_budget,
                         trust_new_hosts=args.trust_new_hosts,

@@ -22,7 +22,7 @@ METRIC_TOLERANCE = {"cosine": 1e-4, "top1": 0.01, "token_agreement": 0.01, "gree
 
 
 _MEASURED = ("kind", "load_ms", "latency_ms", "peak_rss_mb", "metrics", "checks", "ttft_ms", "prefill_tokens_per_s",
-             "decode_tokens_per_s", "generate_tokens_per_s", "note")
+             "decode_tokens_per_s", "generate_tokens_per_s", "encode_ms", "note")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -141,6 +141,8 @@ def summary(run_folder: Path, comparison: Comparison | None = None) -> dict[str,
 
 def _speed(row: dict[str, Any]) -> str:
     """Language models: what a chat app feels (tokens/s and time to first token); the p50 columns are per token."""
+    if row.get("kind") == "text-to-text":
+        return f"decode {row.get('decode_tokens_per_s') or 0:.0f} tok/s, encode {row.get('encode_ms') or 0:.0f} ms"
     if row.get("kind") != "language-model":
         return "-"
     if row.get("decode_tokens_per_s") is None and row.get("generate_tokens_per_s") is not None:

@@ -13,7 +13,9 @@ reads from here, never the other way.
 
 Tensor models: latency distribution and golden replay. Language models (.pte, and the stateful
 .mlpackage on a Mac): time to first token, prefill and decode tokens/s, teacher-forced next-token
-agreement and greedy-generation match. Core ML (.mlpackage) runs only on macOS, through coremltools.
+agreement and greedy-generation match. Text-to-text models (.pte, .tflite): encode time, decode tokens/s,
+teacher-forced decoder agreement and greedy match. Core ML (.mlpackage) runs only on macOS, through
+coremltools.
 """
 
 import hashlib
@@ -25,7 +27,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "7"
+RUNNER_VERSION = "8"
 
 
 def _import(name):
@@ -280,6 +282,134 @@ def method_lm_stepper(method):
     return step
 
 
+class PteSeq2Seq:
+    """A text-to-text .pte's ``encode`` and ``decode`` methods (the self-attention cache inside the program)."""
+
+    def __init__(self, path):
+        runtime = load_executorch_runtime()
+        program = runtime.load_program(str(path))
+        self.encode_method, self.decode_method = program.load_method("encode"), program.load_method("decode")
+
+    def encode(self, input_ids, attention_mask):
+        import torch
+
+        return {"cross_kv": self.encode_method.execute([torch.from_numpy(input_ids), torch.from_numpy(attention_mask)])[0],
+                "attention_mask": attention_mask}
+
+    def decode(self, state, token, position, attention_mask):
+        import numpy as np
+        import torch
+
+        out = self.decode_method.execute([torch.tensor([[token]]), torch.tensor([position]), state["cross_kv"],
+                                          torch.from_numpy(attention_mask)])[0]
+        return np.asarray(out, np.float32).reshape(-1)
+
+
+class TfliteSeq2Seq:
+    """A text-to-text .tflite's ``encode`` and ``decode`` signatures. LiteRT keeps no state in a model: the
+    self-attention cache lives here, and decode's ``step_kv`` is written into it at the token's position."""
+
+    def __init__(self, path):
+        import numpy as np
+
+        module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
+        interpreter = module.Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+        self.runners = {name: interpreter.get_signature_runner(name) for name in ("encode", "decode")}
+        # litert-torch stores int64 inputs as int32: each input is fed in the type the signature declares
+        self.dtypes = {name: {k: d["dtype"] for k, d in runner.get_input_details().items()}
+                       for name, runner in self.runners.items()}
+        self.cache_shape = tuple(int(n) for n in self.runners["decode"].get_input_details()["self_kv"]["shape"])
+        self.np = np
+
+    def _run(self, name, **inputs):
+        return self.runners[name](**{k: self.np.asarray(v).astype(self.dtypes[name][k]) for k, v in inputs.items()})
+
+    def encode(self, input_ids, attention_mask):
+        cross = self._run("encode", input_ids=input_ids, attention_mask=attention_mask)["cross_kv"]
+        return {"cross_kv": cross, "self_kv": self.np.zeros(self.cache_shape, self.np.float32)}
+
+    def decode(self, state, token, position, attention_mask):
+        out = self._run("decode", token=[[token]], position=[position], cross_kv=state["cross_kv"],
+                        attention_mask=attention_mask, self_kv=state["self_kv"])
+        state["self_kv"][:, position] = out["step_kv"]
+        return out["logits"].reshape(-1)
+
+
+def seq2seq_teacher_forced(step, golden):
+    """Next-token agreement and KL over the reference's top-32 tokens (a lower bound of the full KL) for
+    each golden source and its teacher-forced target, one decoder token at a time."""
+    import numpy as np
+
+    agree, kls, index = 0, [], 0
+    while "source%d" % index in golden:
+        mask = golden["source_mask%d" % index]
+        state = step.encode(golden["source%d" % index], mask)
+        top_ids, top_logprobs = golden["top_ids%d" % index], golden["top_logprobs%d" % index]
+        for position, token in enumerate(golden["target%d" % index]):
+            logits = np.asarray(step.decode(state, int(token), position, mask), np.float64)
+            agree += int(np.argmax(logits) == top_ids[position, 0])
+            logp = logits - logits.max()
+            logp = logp - np.log(np.exp(logp).sum())
+            want = top_logprobs[position].astype(np.float64)
+            kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
+        index += 1
+    return agree / max(len(kls), 1), (sum(kls) / len(kls) if kls else 0.0)
+
+
+def seq2seq_greedy(step, golden, on_token=None):
+    """Each golden prompt encoded once and answered greedily for as many tokens as the reference answered;
+    the fraction of each answer reproduced before the first differing token, and the answers."""
+    import numpy as np
+
+    start, matches, answers, index = int(golden["start_token"]), [], [], 0
+    while "prompt%d" % index in golden:
+        mask, expected = golden["prompt_mask%d" % index], [int(t) for t in golden["greedy%d" % index]]
+        began = time.perf_counter()
+        state = step.encode(golden["prompt%d" % index], mask)
+        if on_token:
+            on_token("encode", time.perf_counter() - began)
+        token, produced = start, []
+        while len(produced) < len(expected):
+            began = time.perf_counter()
+            token = int(np.argmax(step.decode(state, token, len(produced), mask)))
+            if on_token:
+                on_token("decode", time.perf_counter() - began)
+            produced.append(token)
+        same = next((i for i, (a, b) in enumerate(zip(expected, produced)) if a != b), len(expected))
+        matches.append(same / max(len(expected), 1))
+        answers.append(produced)
+        index += 1
+    return matches, answers
+
+
+def run_text_to_text(artifact, job, golden):
+    """Encode time, decode tokens/s and faithfulness of a text-to-text artifact against the host's eager
+    model: teacher-forced decoder agreement (KL over the reference's top-32 tokens) and greedy answers."""
+    import numpy as np
+
+    path = os.path.join(job["workdir"], artifact["file"])
+    began = time.perf_counter()
+    step = TfliteSeq2Seq(path) if artifact["format"] == "tflite" else PteSeq2Seq(path)
+    load_ms = (time.perf_counter() - began) * 1000
+    agreement, kl_top32 = seq2seq_teacher_forced(step, golden)
+    timings = {"encode": [], "decode": []}
+    matches, answers = seq2seq_greedy(step, golden, lambda kind, seconds: timings[kind].append(seconds * 1000))
+    samples = timings["decode"]
+    np.savez(os.path.join(job["workdir"], artifact["name"] + ".outputs.npz"),
+             **{"generated%d" % i: np.array(g, np.int64) for i, g in enumerate(answers)})
+    return {
+        "kind": "text-to-text", "load_ms": load_ms, "iterations": len(samples),
+        "encode_ms": sum(timings["encode"]) / max(len(timings["encode"]), 1),
+        "decode_tokens_per_s": 1000 * len(samples) / sum(samples) if samples else None,
+        "latency_ms": latency_stats(samples or [0.0]),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "metrics": {"token_agreement": agreement, "kl_top32": kl_top32,
+                    "greedy_match": sum(matches) / max(len(matches), 1)},
+        "outputs_file": artifact["name"] + ".outputs.npz", "samples_ms": samples,
+    }
+
+
 def run_language_model(artifact, job, golden):
     """Time to first token, prefill and decode tokens/s over the fixed prompts, and faithfulness against
     the host's eager model: teacher-forced next-token agreement over the fixed text (and KL over the
@@ -463,6 +593,8 @@ def main(argv):
         try:
             if job.get("kind") == "language-model":
                 measured = run_language_model(artifact, job, golden)
+            elif job.get("kind") == "text-to-text":
+                measured = run_text_to_text(artifact, job, golden)
             else:
                 measured = run_artifact(artifact, job, golden)
             measured["checks"] = judge(measured["metrics"], artifact["thresholds"])

@@ -140,20 +140,11 @@ def measure(step: Seq2SeqStepper, ref: Reference, eos_ids: list[int]) -> dict[st
 
 def replay(step: Seq2SeqStepper, golden: dict[str, np.ndarray]) -> dict[str, Any]:
     """Agreement with golden.npz's stored reference (top-32 log-probs and greedy answers), where the model
-    itself is not at hand. KL over the top 32 tokens only is a lower bound: reported as ``kl_top32``."""
-    hits, total, kl_sum, index = 0, 0, 0.0, 0
-    while f"source{index}" in golden:
-        logits = teacher_forced(step, golden[f"source{index}"], golden[f"source_mask{index}"],
-                                [int(t) for t in golden[f"target{index}"]])
-        have = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
-        top_ids, top_logp = golden[f"top_ids{index}"], golden[f"top_logprobs{index}"].astype(np.float64)
-        hits += int((have.argmax(-1) == top_ids[:, 0]).sum())
-        total += len(have)
-        kl_sum += float((np.exp(top_logp) * (top_logp - np.take_along_axis(have, top_ids, -1))).sum())
-        index += 1
-    count = sum(1 for key in golden if key.startswith("greedy"))
-    prompts_ = [(golden[f"prompt{i}"], golden[f"prompt_mask{i}"]) for i in range(count)]
-    answers = [[int(t) for t in golden[f"greedy{i}"]] for i in range(count)]
-    matches, _ = _greedy_matches(step, prompts_, answers, int(golden["start_token"]), [])
-    return {"token_agreement": hits / max(total, 1), "kl_top32": kl_sum / max(total, 1),
+    itself is not at hand: the device runner's own replay. KL over the top 32 tokens only is a lower bound,
+    so it is reported as ``kl_top32``."""
+    from device_tests.runner import seq2seq_greedy, seq2seq_teacher_forced
+
+    agreement, kl_top32 = seq2seq_teacher_forced(step, golden)
+    matches, _ = seq2seq_greedy(step, golden)
+    return {"token_agreement": agreement, "kl_top32": kl_top32,
             "greedy_match": float(np.mean(matches)) if matches else 0.0}

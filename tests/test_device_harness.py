@@ -347,6 +347,55 @@ def test_language_model_on_an_executorch_board_measures_tokens_per_second_and_ma
     assert "decode" in (run_folder / "report.md").read_text()
 
 
+def test_t5_on_boards_encodes_once_and_decodes_as_on_the_host(lab: dict, tmp_path: Path) -> None:
+    """A tiny Flan-T5 exported to .pte (encode and decode methods) and .tflite (encode and decode
+    signatures), run on the x86 board: the device's decoder agreement and greedy answers are the host's.
+    On the Pi board (tflite-runtime 2.14) the per-channel int8 .tflite runs but computes wrong, and the
+    device's verdict says so; the per-tensor one, the raspberry-pi target's scheme, passes."""
+    from exporter.sources import SourceOptions
+    from tests.text_to_text import make_tiny_t5
+
+    target = load_target_file(write_target(tmp_path, "t5-boards", """
+[[artifact]]
+format = "pte"
+quant = "int8-dynamic"
+[artifact.parity]
+min_token_agreement = 0.8
+[[artifact]]
+format = "tflite"
+quant = "int8-dynamic"
+[artifact.parity]
+min_token_agreement = 0.8
+[[artifact]]
+format = "tflite"
+quant = "int8-dynamic-tensor"
+[artifact.parity]
+min_token_agreement = 0.8
+"""))
+    folder = make_tiny_t5(tmp_path / "flan-t5-tiny")
+    summary = export(target, load_model(str(folder), SourceOptions(seq_len=32, context_len=16)), tmp_path / "dist")
+    assert summary.ok, [(r.spec.name, r.record.get("failures"), r.record.get("error")) for r in summary.results]
+    hosts = {r.spec.name: r.record["parity"]["metrics"] for r in summary.results}
+    x86, pi = lab["boards"]["x86"], lab["boards"]["pi"]
+    run_folder, outcomes = run_devices([spec(x86, lab, "t5-board"), spec(pi, lab, "t5-pi")], summary.folder,
+                                       tmp_path / "results", settings(lab))
+    by_name = {o.device: o for o in outcomes}
+    assert by_name["t5-board"].ok, by_name["t5-board"].reason
+    for name in ("xnnpack-int8-dynamic", "litert-int8-dynamic", "litert-int8-dynamic-tensor"):
+        measured = by_name["t5-board"].result["artifacts"][name]
+        assert measured["kind"] == "text-to-text" and measured["passed"], measured
+        assert measured["metrics"]["token_agreement"] == pytest.approx(hosts[name]["token_agreement"], abs=1e-9)
+        assert measured["metrics"]["greedy_match"] == pytest.approx(hosts[name]["greedy_match"], abs=1e-9)
+        assert measured["decode_tokens_per_s"] > 0 and measured["encode_ms"] > 0
+    pi_result = by_name["t5-pi"].result["artifacts"]
+    assert set(pi_result) == {"litert-int8-dynamic", "litert-int8-dynamic-tensor"}, by_name["t5-pi"].reason
+    assert not pi_result["litert-int8-dynamic"]["passed"]
+    assert pi_result["litert-int8-dynamic"]["metrics"]["token_agreement"] < 0.5  # measured 0.08
+    assert pi_result["litert-int8-dynamic-tensor"]["passed"], pi_result["litert-int8-dynamic-tensor"]
+    assert not by_name["t5-pi"].ok
+    assert "encode" in (run_folder / "report.md").read_text()
+
+
 def test_a_folder_artifact_is_pushed_as_one_archive_and_skipped_when_intact(lab: dict, tmp_path: Path) -> None:
     """An .mlpackage is a folder: it travels as a tar, is unpacked in place, and the device's digest of
     the unpacked folder equals the manifest's (so the next run skips it)."""

@@ -465,30 +465,15 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     return Built(layers=layers, details=details)
 
 
-class _ProgramSeq2Seq:
-    """A .pte's encode and decode methods behind seq2seq_parity's stepper interface."""
-
-    def __init__(self, program: Any) -> None:
-        self.encode_method, self.decode_method = program.load_method("encode"), program.load_method("decode")
-
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
-        return self.encode_method.execute([torch.from_numpy(input_ids), torch.from_numpy(attention_mask)])[0]
-
-    def decode(self, state: torch.Tensor, token: int, position: int, attention_mask: np.ndarray) -> np.ndarray:
-        out = self.decode_method.execute([torch.tensor([[token]]), torch.tensor([position]), state,
-                                          torch.from_numpy(attention_mask)])[0]
-        return out.detach().numpy().reshape(-1).copy()
-
-
 def seq2seq_stepper(path: Path, backend: str = "xnnpack") -> Any:
-    """Encode once, decode token by token: how seq2seq_parity drives the program."""
+    """Encode once, decode token by token: how seq2seq_parity drives the program (the device runner's own
+    stepper, so host and device step it the same way)."""
     if backend == "coreml" and platform.system() != "Darwin":
         return None
-    from executorch.runtime import Runtime
+    from device_tests.runner import PteSeq2Seq
 
-    load_runtime_extensions()
     try:
-        return _ProgramSeq2Seq(Runtime.get().load_program(str(path)))
+        return PteSeq2Seq(path)
     except RuntimeError as exc:
         raise ConversionError(path.name, f"the ExecuTorch runtime cannot load the program ({exc})") from exc
 

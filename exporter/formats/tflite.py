@@ -219,34 +219,11 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     return Built(layers=layers, details={**details, "fully_connected_ops": count})
 
 
-class _LiteRTSeq2Seq:
-    """A .tflite's encode and decode signatures behind seq2seq_parity's stepper interface; the caller's side
-    of the self-attention cache lives here."""
-
-    def __init__(self, path: Path) -> None:
-        interpreter = _interpreter(path=path)
-        self.runners = {name: interpreter.get_signature_runner(name) for name in ("encode", "decode")}
-        # litert-torch stores int64 inputs as int32: each input is fed in the type the signature declares
-        self.dtypes = {name: {k: d["dtype"] for k, d in runner.get_input_details().items()}
-                       for name, runner in self.runners.items()}
-        self.cache_shape = tuple(int(s) for s in self.runners["decode"].get_input_details()["self_kv"]["shape"])
-
-    def _run(self, name: str, **inputs: Any) -> dict[str, np.ndarray]:
-        return self.runners[name](**{k: np.asarray(v).astype(self.dtypes[name][k]) for k, v in inputs.items()})
-
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        cross = self._run("encode", input_ids=input_ids, attention_mask=attention_mask)["cross_kv"]
-        return {"cross_kv": cross, "self_kv": np.zeros(self.cache_shape, np.float32)}
-
-    def decode(self, state: dict[str, np.ndarray], token: int, position: int, attention_mask: np.ndarray) -> np.ndarray:
-        out = self._run("decode", token=[[token]], position=[position], cross_kv=state["cross_kv"],
-                        attention_mask=attention_mask, self_kv=state["self_kv"])
-        state["self_kv"][:, position] = out["step_kv"]
-        return out["logits"].reshape(-1)
-
-
 def seq2seq_stepper(path: Path, backend: str = "litert") -> Any:
-    return _LiteRTSeq2Seq(path)
+    """Both signatures with the self-attention cache kept between tokens: the device runner's own stepper."""
+    from device_tests.runner import TfliteSeq2Seq
+
+    return TfliteSeq2Seq(path)
 
 
 def _confirm(plan: list[LayerDecision], ops: list[dict[str, Any]], layer_of: dict[str, str],
