@@ -127,6 +127,9 @@ def test_t5_tflite_has_encode_and_decode_signatures_with_the_cache_passed_in(t5_
     assert inputs["decode.self_kv"] == [4, 24, 4, 16] and outputs["decode.step_kv"] == [4, 4, 16]
     assert outputs["encode.cross_kv"] == [4, 4, 32, 16] and outputs["decode.logits"][0] == 1
     assert record["quantisation"]["float_layers"] == 0 and record["details"]["signatures"] == ["encode", "decode"]
+    # the token table, looked up in both signatures, is stored in int8 in each
+    tables = [t for t in record["details"]["embedding_lookups"] if t["shape"][0] > 100]
+    assert len(tables) == 2 and all(t["int8"] for t in tables), record["details"]["embedding_lookups"]
 
 
 def test_t5_pte_has_encode_and_decode_methods(t5_export: dict) -> None:

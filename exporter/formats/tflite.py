@@ -152,14 +152,15 @@ def build(model: LoadedModel, program: torch.export.ExportedProgram | None, spec
 
 
 def _quantise_matched(flatbuffer: bytes, module: torch.nn.Module, plan: list[LayerDecision],
-                      spec: ArtifactSpec) -> tuple[bytes, list[LayerDecision], int]:
+                      spec: ArtifactSpec, embedding_lookups: bool = False) -> tuple[bytes, list[LayerDecision], int]:
     """The planned linears' FULLY_CONNECTED ops (in every signature) quantised with the spec's scheme."""
     weights = {name: m.weight.detach().numpy() for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
     ops = fully_connected_ops(flatbuffer)
     layer_of = match_layers(ops, weights)
     chosen = {d.name for d in plan if d.quantised}
     selected = [op for op in ops if layer_of.get(op["scope"]) in chosen]
-    quantised_bytes = _quantise(flatbuffer, selected, library_config("tflite", spec.quant, spec.group_size), spec)
+    quantised_bytes = _quantise(flatbuffer, selected, library_config("tflite", spec.quant, spec.group_size), spec,
+                                embedding_lookups)
     return quantised_bytes, _confirm(plan, ops, layer_of, quantised_bytes), len(ops)
 
 
@@ -214,9 +215,12 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     if SCHEMES[spec.quant].weight_bits is None:
         destination.write_bytes(flatbuffer)
         return Built(layers=plan, details=details)
-    quantised, layers, count = _quantise_matched(flatbuffer, t5, plan, spec)
+    # Each signature holds its own copy of the embedding table: int8 makes both four times smaller.
+    quantised, layers, count = _quantise_matched(flatbuffer, t5, plan, spec, embedding_lookups=True)
     destination.write_bytes(quantised)
-    return Built(layers=layers, details={**details, "fully_connected_ops": count})
+    tables = tflite_ops.embedding_tables(tflite_ops.Flatbuffer(quantised))
+    lookups = [{"shape": list(shape), "int8": integers} for shape, integers in tables]
+    return Built(layers=layers, details={**details, "fully_connected_ops": count, "embedding_lookups": lookups})
 
 
 def seq2seq_stepper(path: Path, backend: str = "litert") -> Any:
@@ -233,11 +237,15 @@ def _confirm(plan: list[LayerDecision], ops: list[dict[str, Any]], layer_of: dic
     return confirm(plan, found, "no quantised FULLY_CONNECTED weight found for it in the flatbuffer")
 
 
-def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, Any], spec: ArtifactSpec) -> bytes:
-    from ai_edge_quantizer import quantizer, recipe_manager
+def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, Any], spec: ArtifactSpec,
+              embedding_lookups: bool = False) -> bytes:
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
     from ai_edge_quantizer.qtyping import TFLOperationName
 
     manager = recipe_manager.RecipeManager()
+    if embedding_lookups:  # int8 tables, one scale per row: the lookup reads them without a float copy
+        manager.add_weight_only_config(regex=".*", operation_name=TFLOperationName.EMBEDDING_LOOKUP, num_bits=8,
+                                       granularity=qtyping.QuantGranularity.CHANNELWISE)
     for op in ops:
         # One recipe entry per chosen op, matched on its output tensor (the quantizer's "scope").
         regex = "^" + re.escape(op["scope"]) + ";"

@@ -18,7 +18,7 @@ import numpy as np
 _DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 7: np.int16, 9: np.int8}
 # schema TensorType codes of integer types, packed 4- and 2-bit ones included
 _INTEGER_TYPES = {2, 3, 4, 7, 9, 12, 15, 16, 17, 19, 20}
-_FULLY_CONNECTED, _DEQUANTIZE = 9, 6
+_FULLY_CONNECTED, _DEQUANTIZE, _EMBEDDING_LOOKUP = 9, 6, 7
 
 
 @dataclass
@@ -77,6 +77,19 @@ class Flatbuffer:
 
 def fully_connected(flatbuffer: Flatbuffer) -> list[Op]:
     return [op for op in flatbuffer.ops() if op.code == _FULLY_CONNECTED]
+
+
+def embedding_tables(flatbuffer: Flatbuffer) -> list[tuple[tuple[int, ...], bool]]:
+    """Each EMBEDDING_LOOKUP's table, in every subgraph: its shape, and whether it is stored as integers
+    (read directly, or through a DEQUANTIZE op)."""
+    ops = flatbuffer.ops()
+    dequantised_from = {(op.subgraph, op.outputs[0]): op.inputs[0] for op in ops if op.code == _DEQUANTIZE}
+    tables = []
+    for op in ops:
+        if op.code == _EMBEDDING_LOOKUP:
+            stored = dequantised_from.get((op.subgraph, op.inputs[1]), op.inputs[1])
+            tables.append((flatbuffer.shape(op.subgraph, stored), flatbuffer.stores_integers(op.subgraph, stored)))
+    return tables
 
 
 def with_integer_weights(flatbuffer: Flatbuffer) -> list[Op]:
