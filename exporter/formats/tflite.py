@@ -243,9 +243,13 @@ def _quantise(flatbuffer: bytes, ops: list[dict[str, Any]], config: dict[str, An
     from ai_edge_quantizer.qtyping import TFLOperationName
 
     manager = recipe_manager.RecipeManager()
-    if embedding_lookups:  # int8 tables, one scale per row: the lookup reads them without a float copy
+    granularity = config["granularity"]
+    if embedding_lookups and granularity in (qtyping.QuantGranularity.CHANNELWISE, qtyping.QuantGranularity.TENSORWISE):
+        # int8 tables, with the fully-connected ops' granularity: a table tied to the lm_head is then one
+        # int8 tensor for both (mixed granularities make the quantiser insert a dequantise it fails on).
+        # Block-wise schemes leave the tables float; the manifest reports how each is stored.
         manager.add_weight_only_config(regex=".*", operation_name=TFLOperationName.EMBEDDING_LOOKUP, num_bits=8,
-                                       granularity=qtyping.QuantGranularity.CHANNELWISE)
+                                       granularity=granularity)
     for op in ops:
         # One recipe entry per chosen op, matched on its output tensor (the quantizer's "scope").
         regex = "^" + re.escape(op["scope"]) + ";"
