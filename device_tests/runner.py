@@ -336,6 +336,17 @@ class TfliteSeq2Seq:
         return out["logits"].reshape(-1)
 
 
+def against_top32(logits, top_ids, top_logprobs):
+    """One position against the reference's top tokens: 1 if the artifact's argmax is the reference's, and
+    KL(reference || artifact) over those tokens (a lower bound of the full KL)."""
+    import numpy as np
+
+    logp = logits - logits.max()
+    logp = logp - np.log(np.exp(logp).sum())
+    want = top_logprobs.astype(np.float64)
+    return int(np.argmax(logits) == top_ids[0]), float(np.sum(np.exp(want) * (want - logp[top_ids])))
+
+
 def seq2seq_teacher_forced(step, golden):
     """Next-token agreement and KL over the reference's top-32 tokens (a lower bound of the full KL) for
     each golden source and its teacher-forced target, one decoder token at a time."""
@@ -348,11 +359,9 @@ def seq2seq_teacher_forced(step, golden):
         top_ids, top_logprobs = golden["top_ids%d" % index], golden["top_logprobs%d" % index]
         for position, token in enumerate(golden["target%d" % index]):
             logits = np.asarray(step.decode(state, int(token), position, mask), np.float64)
-            agree += int(np.argmax(logits) == top_ids[position, 0])
-            logp = logits - logits.max()
-            logp = logp - np.log(np.exp(logp).sum())
-            want = top_logprobs[position].astype(np.float64)
-            kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[position]]))))
+            hit, kl = against_top32(logits, top_ids[position], top_logprobs[position])
+            agree += hit
+            kls.append(kl)
         index += 1
     return agree / max(len(kls), 1), (sum(kls) / len(kls) if kls else 0.0)
 
@@ -553,11 +562,9 @@ def teacher_forced(step, golden):
             if row == 0 and not np.any(logits):
                 raise RuntimeError("the runtime returned all-zero logits: it cannot run this program correctly "
                                    "(tflite-runtime 2.14 does this with litert-torch LLM exports; install ai-edge-litert)")
-            agree += int(np.argmax(logits) == top_ids[row, 0])
-            logp = logits - logits.max()
-            logp = logp - np.log(np.exp(logp).sum())
-            want = top_logprobs[row].astype(np.float64)
-            kls.append(float(np.sum(np.exp(want) * (want - logp[top_ids[row]]))))
+            hit, kl = against_top32(logits, top_ids[row], top_logprobs[row])
+            agree += hit
+            kls.append(kl)
             row += 1
     return agree / max(row, 1), (sum(kls) / len(kls) if kls else 0.0)
 

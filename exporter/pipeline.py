@@ -243,9 +243,7 @@ def golden_kind(model: LoadedModel) -> str:
 def bundle_seq2seq_files(folder: Path, task: Any) -> dict[str, Any]:
     """A text-to-text app's companions: the tokenizer (tokenizer.json, and the SentencePiece model where
     the checkpoint has one) and how to drive the two methods."""
-    task.tokenizer.save_pretrained(str(folder))
-    for extra in ("special_tokens_map.json",):
-        (folder / extra).unlink(missing_ok=True)
+    _save_tokenizer(folder, task.tokenizer)
     generation = {
         "decoder_start_token_id": task.start_token,
         "eos_token_ids": task.eos_ids,
@@ -262,11 +260,15 @@ def bundle_seq2seq_files(folder: Path, task: Any) -> dict[str, Any]:
             **generation}
 
 
+def _save_tokenizer(folder: Path, tokenizer: Any) -> None:
+    """tokenizer.json and its config beside the artifacts (transformers' legacy special_tokens_map left out)."""
+    tokenizer.save_pretrained(str(folder))
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)
+
+
 def bundle_files(folder: Path, language: Any) -> dict[str, Any]:
     """What an app needs beside the model: tokenizer, chat template, generation defaults."""
-    language.tokenizer.save_pretrained(str(folder))
-    for extra in ("special_tokens_map.json",):
-        (folder / extra).unlink(missing_ok=True)
+    _save_tokenizer(folder, language.tokenizer)
     if language.chat_template:
         (folder / "chat_template.jinja").write_text(language.chat_template)
     generation = {

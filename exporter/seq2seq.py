@@ -123,6 +123,12 @@ class _DecoderStep(nn.Module):
         self.scale_output = (config.d_model ** -0.5) if getattr(
             config, "scale_decoder_outputs", config.tie_word_embeddings) else None
 
+    def _register_caches(self, shape: tuple[int, ...]) -> None:
+        """A key and a value cache buffer per decoder layer (``k_cache_0``, ``v_cache_0``, ...)."""
+        for i in range(len(self.inner.decoder.block)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
     def _self_attention(self, layer: int, attention: nn.Module, x: torch.Tensor, position: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -168,10 +174,7 @@ class Decode(_DecoderStep):
         from .llm import _load_custom_ops
 
         _load_custom_ops()
-        shape = (1, max_target, self.heads, t5.config.d_kv)
-        for i in range(len(t5.decoder.block)):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        self._register_caches((1, max_target, self.heads, t5.config.d_kv))
 
     def _self_attention(self, layer: int, attention: nn.Module, x: torch.Tensor, position: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
@@ -222,10 +225,7 @@ class StatefulDecode(_DecoderStep):
     def __init__(self, t5: nn.Module, max_target: int) -> None:
         super().__init__(t5, max_target)
         # One spare row: a mask as long as the whole cache would let torch.export specialise on that length.
-        shape = (1, self.heads, max_target + 1, t5.config.d_kv)
-        for i in range(len(t5.decoder.block)):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        self._register_caches((1, self.heads, max_target + 1, t5.config.d_kv))
 
     def _self_attention(self, layer: int, attention: nn.Module, x: torch.Tensor, position: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:

@@ -83,18 +83,25 @@ def match_layers(ops: list[dict[str, Any]], layers: dict[str, np.ndarray]) -> di
     return matched
 
 
-class _Named(torch.nn.Module):
-    """The model with keyword inputs and a dict of outputs, so litert-torch names the signature's tensors
-    after the model's own inputs and outputs (it names positional ones ``args_0``, ``output_0``)."""
+class _Keywords(torch.nn.Module):
+    """A module with keyword inputs and a dict of outputs, so litert-torch names the signature's tensors
+    after them (it names positional ones ``args_0``, ``output_0``)."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, module: torch.nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
         super().__init__()
-        self.module, self.input_names, self.output_names = model.module, model.input_names, model.output_names
+        self.module, self.inputs, self.outputs = module, inputs, outputs
 
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.module(*(inputs[name] for name in self.input_names))
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return dict(zip(self.output_names, outputs))
+    def forward(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.module(*(tensors[name] for name in self.inputs))
+        return dict(zip(self.outputs, out if isinstance(out, (tuple, list)) else (out,)))
+
+
+def _exported_bytes(converted: Any) -> bytes:
+    """A litert-torch conversion's flatbuffer (it writes only to a file)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "float.tflite"
+        converted.export(str(path))
+        return path.read_bytes()
 
 
 def float_flatbuffer(model: LoadedModel, spec: ArtifactSpec) -> bytes:
@@ -102,14 +109,12 @@ def float_flatbuffer(model: LoadedModel, spec: ArtifactSpec) -> bytes:
         import litert_torch
 
         try:
-            converted = litert_torch.convert(_Named(model), (), dict(zip(model.input_names, model.sample_inputs)))
+            converted = litert_torch.convert(_Keywords(model.module, model.input_names, model.output_names), (),
+                                             dict(zip(model.input_names, model.sample_inputs)))
         except Exception as exc:
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ConversionError(spec.filename, f"litert-torch could not convert the model: {text}") from exc
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "float.tflite"
-            converted.export(str(path))
-            _float_cache[model.fingerprint] = path.read_bytes()
+        _float_cache[model.fingerprint] = _exported_bytes(converted)
     return _float_cache[model.fingerprint]
 
 
@@ -164,18 +169,6 @@ def _quantise_matched(flatbuffer: bytes, module: torch.nn.Module, plan: list[Lay
     return quantised_bytes, _confirm(plan, ops, layer_of, quantised_bytes), len(ops)
 
 
-class _Signature(torch.nn.Module):
-    """A step with keyword inputs and named outputs, so the signature's tensors carry those names."""
-
-    def __init__(self, step: torch.nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
-        super().__init__()
-        self.step, self.inputs, self.outputs = step, inputs, outputs
-
-    def forward(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.step(*(tensors[name] for name in self.inputs))
-        return dict(zip(self.outputs, out if isinstance(out, tuple) else (out,)))
-
-
 def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
     """A T5 as one flatbuffer with two signatures: ``encode`` (the encoder, and every decoder layer's
     cross-attention keys and values) and ``decode`` (one token; LiteRT keeps no state in the model, so the
@@ -195,18 +188,15 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     decode_inputs = {"token": torch.zeros(1, 1, dtype=torch.long), "position": torch.tensor([0]), "cross_kv": cross,
                      "attention_mask": mask, "self_kv": self_kv}
     try:
-        converted = (litert_torch.signature("encode", _Signature(encode, ("input_ids", "attention_mask"), ("cross_kv",)),
+        converted = (litert_torch.signature("encode", _Keywords(encode, ("input_ids", "attention_mask"), ("cross_kv",)),
                                             sample_kwargs={"input_ids": ids, "attention_mask": mask})
-                     .signature("decode", _Signature(decode, tuple(decode_inputs), ("logits", "step_kv")),
+                     .signature("decode", _Keywords(decode, tuple(decode_inputs), ("logits", "step_kv")),
                                 sample_kwargs=decode_inputs)
                      .convert())
     except Exception as exc:
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConversionError(spec.filename, f"litert-torch could not convert the encode/decode steps: {text}") from exc
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "float.tflite"
-        converted.export(str(path))
-        flatbuffer = path.read_bytes()
+    flatbuffer = _exported_bytes(converted)
     plan = plan_layers(t5, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
     details: dict[str, Any] = {"signatures": ["encode", "decode"], "source_len": task.source_len,
                                "max_target": task.max_target}
