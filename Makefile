@@ -98,7 +98,7 @@ targets: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/edgeship validate $(DIR)
 
-PYTEST_WORKERS = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+PYTEST_WORKERS = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test: $(STAMP) $(LITERTLM_STAMP) system-packages
 	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests marked `anchors` build optimum-executorch's .pte of the real model (minutes of both cores):
     deselected unless EDGESHIP_ANCHOR_TESTS=1, so that a run reports them as not chosen, never as skipped.
 
-    Across pytest-xdist's workers (`make test` runs two): a module with a module-scoped fixture (boards, their
-    Python environments, a set of exports) runs whole in one worker, so that fixture is built once; and the
-    `slow` tests go first, so that no worker starts a long export while the other has nothing left to run."""
+    Across pytest-xdist's workers (`make test` runs two, in this order, `--no-loadscope-reorder`): the tests
+    that share a module-scoped fixture (boards, their Python environments, a set of exports) run together in
+    one worker, so that fixture is built once. The `slow` tests go first, then those shared groups (the
+    largest first), the single tests last, so that no worker starts a long unit while the other has nothing
+    left to run."""
     if os.environ.get("EDGESHIP_ANCHOR_TESTS") != "1":
         dropped = [item for item in items if item.get_closest_marker("anchors")]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [item for item in items if not item.get_closest_marker("anchors")]
+    group_sizes: Counter[str] = Counter()
     for item in items:
         if uses_a_module_scoped_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
+            group_sizes[item.module.__name__] += 1
+
+    def run_order(item: pytest.Item) -> tuple[bool, int]:
+        group = item.get_closest_marker("xdist_group")
+        return item.get_closest_marker("slow") is None, -group_sizes[group.args[0]] if group else 0
+
+    items.sort(key=run_order)  # stable: otherwise as collected
 
 
 def uses_a_module_scoped_fixture(item: pytest.Item) -> bool:
