@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import SourceError
 from ..weights_on_disk import parked
+from . import seq2seq
 from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
 from .checkpoint import load_weights_checked, model_name, pruning_record, read_config, read_json, weights_fingerprint
 
@@ -232,7 +233,7 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
                           f"supported GGUF types: {', '.join(sorted(GGUF_TYPES))}")
     field = reader.fields.get("general.architecture")
     architecture = bytes(field.parts[field.data[0]]).decode() if field else "?"
-    return {"architecture": architecture, "tensor_types": types}
+    return {"architecture": architecture, "tensor_types": types, "tensor_names": [t.name for t in reader.tensors]}
 
 
 @contextlib.contextmanager
@@ -263,9 +264,11 @@ def _load_gguf(path: Path, options: SourceOptions) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     header = inspect_gguf(path)
+    if header["architecture"] in seq2seq.GGUF_ARCHITECTURES:
+        return seq2seq.load_gguf(path, header, options)
     if header["architecture"] not in GGUF_ARCHITECTURES:
         raise SourceError(f"{path}: GGUF architecture '{header['architecture']}' is not supported; edgeship reads "
-                          f"GGUFs of {', '.join(sorted(GGUF_ARCHITECTURES))} (Mistral's are 'llama'); the other "
+                          f"GGUFs of {', '.join(sorted(set(GGUF_ARCHITECTURES) | seq2seq.GGUF_ARCHITECTURES))} (Mistral's are 'llama'); the other "
                           f"supported families export from their HF folder: "
                           f"{', '.join(sorted(set(SUPPORTED) - set(GGUF_ARCHITECTURES.values()) - {'mistral'}))}")
     tokenizer = _tokenizer(path.parent, str(path), gguf_file=path.name)
