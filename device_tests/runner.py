@@ -283,12 +283,15 @@ def method_lm_stepper(method):
 
 
 class PteSeq2Seq:
-    """A text-to-text .pte's ``encode`` and ``decode`` methods (the self-attention cache inside the program)."""
+    """A text-to-text .pte's ``encode`` and ``decode`` methods (the self-attention cache inside the program).
+    Two decode conventions: (token, position, ...) on XNNPACK, or, for the Core ML delegate's stateful
+    decode, (token, decoder_mask [1, 1, 1, position + 1], ...) with the position in the mask's length."""
 
     def __init__(self, path):
         runtime = load_executorch_runtime()
         program = runtime.load_program(str(path))
         self.encode_method, self.decode_method = program.load_method("encode"), program.load_method("decode")
+        self.stateful = len(self.decode_method.metadata.input_tensor_meta(1).sizes()) == 4
 
     def encode(self, input_ids, attention_mask):
         import torch
@@ -300,7 +303,8 @@ class PteSeq2Seq:
         import numpy as np
         import torch
 
-        out = self.decode_method.execute([torch.tensor([[token]]), torch.tensor([position]), state["cross_kv"],
+        where = torch.zeros(1, 1, 1, position + 1) if self.stateful else torch.tensor([position])
+        out = self.decode_method.execute([torch.tensor([[token]]), where, state["cross_kv"],
                                           torch.from_numpy(attention_mask)])[0]
         return np.asarray(out, np.float32).reshape(-1)
 

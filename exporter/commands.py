@@ -135,9 +135,11 @@ def validate_command(folder: Path) -> int:
             metrics = measure(record["format"], record["backend"], path, golden,
                               frozenset(model.get("logits_outputs", [])), model.get("padding_mask"))
         if metrics is None:
-            shapes = (record.get("details") or {}).get("sample_input_shapes") or [i["shape"] for i in model["inputs"]]
-            checks = format_module(record["format"]).check(
-                path, [tuple(s) for s in shapes], len(model["outputs"]), record["quantisation"]["layers"])
+            details = record.get("details") or {}
+            shapes = details.get("sample_input_shapes") or [i["shape"] for i in model["inputs"]]
+            checks = format_module(record["format"]).check(path, [tuple(s) for s in shapes],
+                                                           details.get("sample_output_count") or len(model["outputs"]),
+                                                           record["quantisation"]["layers"])
             record["structural_checks"] = checks
             record["status"] = "pending-mac" if all(c["passed"] for c in checks) else "failed"
         else:

@@ -326,7 +326,7 @@ def _build_one(
             record["details"] = built.details
             signature = fmt.inspect(staged)
             if spec.format.value == "pte" and model.seq2seq is not None:
-                signature = signature.named(*seq2seq.SIGNATURE_NAMES)
+                signature = signature.named(*seq2seq.signature_names(stateful=spec.backend == "coreml"))
             elif spec.format.value == "pte" and model.language is None:  # positional: the model's own order
                 signature = signature.named(model.input_names, model.output_names)
             record["signature"] = signature.as_dict()
@@ -340,7 +340,8 @@ def _build_one(
                                       model.padding_mask)
             if metrics is None:
                 shapes = built.details.get("sample_input_shapes") or [t.shape for t in model.sample_inputs]
-                checks = fmt.check(staged, [tuple(s) for s in shapes], len(model.output_names), layers)
+                outputs = built.details.get("sample_output_count") or len(model.output_names)
+                checks = fmt.check(staged, [tuple(s) for s in shapes], outputs, layers)
                 record["structural_checks"] = checks
                 passed = all(c["passed"] for c in checks)
                 record["parity"] = {"pending": "numeric parity needs a Mac (Core ML runs only on macOS); "

@@ -15,14 +15,22 @@ attention kernels do not take.
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 from torch import nn
 
-# The methods of a text-to-text program, in the order an app calls them, and their inputs' and outputs' names.
+# The methods of a text-to-text program, in the order an app calls them.
 METHODS = ("encode", "decode")
-SIGNATURE_NAMES = (("encode.input_ids", "encode.attention_mask", "decode.token", "decode.position", "decode.cross_kv",
-                    "decode.attention_mask"), ("encode.cross_kv", "decode.logits"))
 _MASKED = -1e9  # added to the scores of padded source tokens and of decoder positions not written yet
+
+
+def signature_names(stateful: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A text-to-text program's inputs and outputs, method by method. Stateful (Core ML's decode): the
+    position is the length of ``decoder_mask``."""
+    where = "decode.decoder_mask" if stateful else "decode.position"
+    return (("encode.input_ids", "encode.attention_mask", "decode.token", where, "decode.cross_kv",
+             "decode.attention_mask"), ("encode.cross_kv", "decode.logits"))
 
 
 def relative_buckets(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int) -> torch.Tensor:
@@ -261,6 +269,21 @@ def export_methods(encode: Encode, decode: Decode, source_len: int) -> dict[str,
         return {"encode": without_unused_weights(torch.export.export(encode, (ids, mask), strict=False)),
                 "decode": without_unused_weights(torch.export.export(
                     decode, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]), cross, mask), strict=False))}
+
+
+def export_core_ml_steps(t5: nn.Module, source_len: int, max_target: int) -> dict[str, tuple[Any, nn.Module, tuple]]:
+    """torch.export of the steps as Core ML runs them: ``encode``, and ``decode`` with its cache as state
+    (StatefulDecode: the mask's length, up to max_target, is the position). Each is (program, step, sample)."""
+    encode, decode = Encode(t5).eval(), StatefulDecode(t5, max_target).eval()
+    ids = torch.zeros(1, source_len, dtype=torch.long)
+    mask = torch.ones(1, source_len, dtype=torch.long)
+    with torch.no_grad():
+        cross = encode(ids, mask)
+        decode_sample = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 2), cross, mask)
+        end = torch.export.Dim("end", min=1, max=max_target)
+        return {"encode": (torch.export.export(encode, (ids, mask), strict=False), encode, (ids, mask)),
+                "decode": (torch.export.export(decode, decode_sample, dynamic_shapes=(None, {3: end}, None, None),
+                                               strict=False), decode, decode_sample)}
 
 
 def without_unused_weights(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

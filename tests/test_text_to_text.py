@@ -17,7 +17,7 @@ from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.targets import load_target_file
 from tests.conftest import run_cli, write_target
-from tests.text_to_text import make_tiny_t5
+from tests.text_to_text import make_tiny_t5, write_t5_gguf
 
 TARGET = """
 description = "text-to-text on ExecuTorch"
@@ -56,6 +56,14 @@ smoothing = 0.5
 min_token_agreement = 0.8
 max_mean_kl = 0.2
 [[artifact]]
+format = "pte"
+backend = "coreml"
+quant = "fp32"
+compute_precision = "fp16"
+deployment_target = "iOS18"
+[artifact.parity]
+min_token_agreement = 0.9
+[[artifact]]
 format = "mlpackage"
 quant = "int8-weight"
 group_size = 32
@@ -68,7 +76,8 @@ min_token_agreement = 0.8
 
 @pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
 def test_step_modules_compute_what_transformers_computes(tmp_path: Path, feed_forward: str) -> None:
-    """Encode once, decode token by token with the cache (in the program, or kept by the caller): the
+    """Encode once, decode token by token with the cache (in the program, kept by the caller, or Core ML
+    state): the
     logits of transformers' whole forward, with padding in the source (Flan-T5's gated GELU and untied head; T5's ReLU and rescaled tied head)."""
     folder = make_tiny_t5(tmp_path / "t5", feed_forward)
     task = load_model(str(folder), SourceOptions(seq_len=16, context_len=12)).seq2seq
@@ -89,6 +98,13 @@ def test_step_modules_compute_what_transformers_computes(tmp_path: Path, feed_fo
             self_kv[:, p] = step_kv
             kept.append(logits[0])
         kept = torch.stack(kept).double()
+        # Core ML's steps as exported (what the .mlpackage and the Core ML .pte hold): the cache is state,
+        # the position the decoder mask's length
+        core_ml = {name: program.module() for name, (program, _, _) in
+                   seq2seq.export_core_ml_steps(task.model, 16, 12).items()}
+        cross = core_ml["encode"](ids, mask)
+        stateful = torch.stack([core_ml["decode"](target[:, p:p + 1], torch.zeros(1, 1, 1, p + 1), cross, mask)[0]
+                                for p in range(12)]).double()
         exact = task.model.double()(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits[0]
     # Peaked random weights give logits in the hundreds: the steps are held to fp32 rounding, measured as
     # transformers' own fp32 forward's distance from its fp64 forward.
@@ -96,6 +112,7 @@ def test_step_modules_compute_what_transformers_computes(tmp_path: Path, feed_fo
     assert (got - exact).abs().max() <= 2 * rounding + 1e-4, ((got - exact).abs().max(), rounding)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert (kept - exact).abs().max() <= 2 * rounding + 1e-4, ((kept - exact).abs().max(), rounding)
+    assert (stateful - exact).abs().max() <= 2 * rounding + 1e-4, ((stateful - exact).abs().max(), rounding)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +199,17 @@ def test_t5_mlpackage_is_one_package_with_encode_and_a_stateful_decode(t5_export
     assert "decode.decoder_mask" in inputs and "encode.input_ids" in inputs
 
 
+def test_t5_core_ml_pte_delegates_each_method_whole_with_decode_as_the_stateful_step(t5_export: dict) -> None:
+    """The ios target's ExecuTorch program: Core ML takes each method in one delegate call (no op left to
+    portable kernels), decode is the stateful step checked exact in eager above; its numerics need a Mac."""
+    record = t5_export["by_name"]["coreml-fp32"]
+    assert record["status"] == "pending-mac", (record.get("error"), record.get("failures"))
+    details = record["details"]
+    assert details["delegate_calls"] == 2 and details["non_delegated_ops"] == {}, details
+    assert details["methods"] == ["encode", "decode"]
+    assert details["decode_inputs"] == ["token", "decoder_mask", "cross_kv", "attention_mask"]
+
+
 def test_an_unsupported_encoder_decoder_is_refused_naming_t5(tmp_path: Path) -> None:
     folder = tmp_path / "bart"
     folder.mkdir()
@@ -189,6 +217,66 @@ def test_an_unsupported_encoder_decoder_is_refused_naming_t5(tmp_path: Path) -> 
                                                     "architectures": ["BartForConditionalGeneration"]}))
     with pytest.raises(SourceError, match="model_type 'bart' is not supported; edgeship exports T5 / Flan-T5"):
         load_model(str(folder))
+
+
+FLOAT_TARGET = """
+description = "text-to-text, float"
+[[artifact]]
+format = "pte"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+min_greedy_match = 1.0
+[[artifact]]
+format = "tflite"
+quant = "fp32"
+[artifact.parity]
+min_token_agreement = 0.99
+min_greedy_match = 1.0
+"""
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_a_t5_gguf_loads_as_its_checkpoint_and_exports(tmp_path: Path, feed_forward: str) -> None:
+    """A T5 GGUF as llama.cpp's converter writes it: the same logits and tokens as the checkpoint it was
+    written from (Flan-T5's gated GELU, T5 v1.0's ReLU), and its .pte and .tflite pass parity."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    folder = make_tiny_t5(tmp_path / "t5", feed_forward=feed_forward)
+    gguf = write_t5_gguf(folder, tmp_path / f"tiny-t5-{feed_forward}.gguf")
+    loaded = load_model(str(gguf), SourceOptions(seq_len=32, context_len=16))
+    assert loaded.source["kind"] == "gguf" and loaded.source["architecture"] == "t5"
+    reference = T5ForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
+    source, target = torch.tensor([[5, 17, 40, 9, 77, 1]]), torch.tensor([[0, 7, 30, 12]])
+    with torch.no_grad():
+        want = reference(input_ids=source, decoder_input_ids=target).logits
+        got = loaded.seq2seq.model(input_ids=source, decoder_input_ids=target).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    texts = ["Summarize: the quick brown fox jumps over the lazy dog.", "fill <extra_id_0> in <extra_id_1>"]
+    folder_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert [loaded.seq2seq.tokenizer(t).input_ids for t in texts] == [folder_tokenizer(t).input_ids for t in texts]
+    if feed_forward == "relu":
+        return  # one export is enough to show a GGUF's model reaches the runtimes
+    summary = export(load_target_file(write_target(tmp_path, "float", FLOAT_TARGET)), loaded, tmp_path / "dist")
+    manifest = json.loads((summary.folder / "manifest.json").read_text())
+    for record in manifest["artifacts"]:
+        assert record["status"] == "passed", (record["name"], record.get("failures"), record.get("error"))
+        assert record["parity"]["metrics"]["greedy_match"] == 1.0
+    assert manifest["model"]["source"]["kind"] == "gguf" and (summary.folder / "tokenizer.json").is_file()
+
+
+def test_a_t5_encoder_gguf_is_refused_naming_what_is_read(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "encoder.gguf"
+    writer = gguf.GGUFWriter(str(path), "t5encoder")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SourceError, match="architecture 't5encoder' is not supported; edgeship reads GGUFs of .*t5"):
+        load_model(str(path))
 
 
 def test_validate_replays_a_t5_export(t5_export: dict) -> None:

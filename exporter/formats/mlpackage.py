@@ -163,25 +163,16 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
                                              f"multifunction package, which needs deployment_target = \"iOS18\" or "
                                              f"later (the target says {spec.deployment_target or 'iOS17'})")
     task = model.seq2seq
-    t5 = task.working_copy()
-    encode, decode = seq2seq.Encode(t5).eval(), seq2seq.StatefulDecode(t5, task.max_target).eval()
-    ids = torch.zeros(1, task.source_len, dtype=torch.long)
-    mask = torch.ones(1, task.source_len, dtype=torch.long)
-    with torch.no_grad():
-        cross = encode(ids, mask)
-    decode_sample = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 2), cross, mask)
-    end = torch.export.Dim("end", min=1, max=task.max_target)
     try:
-        with torch.no_grad():
-            programs = {"encode": (torch.export.export(encode, (ids, mask), strict=False), encode, (ids, mask), "cross_kv"),
-                        "decode": (torch.export.export(decode, decode_sample, dynamic_shapes=(None, {3: end}, None, None),
-                                                       strict=False), decode, decode_sample, "logits")}
+        programs = seq2seq.export_core_ml_steps(task.working_copy(), task.source_len, task.max_target)
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the encode/decode steps failed: {exc}") from exc
+    outputs = {"encode": "cross_kv", "decode": "logits"}
     layers: list[LayerDecision] = []
     descriptor = ct.utils.MultiFunctionDescriptor()
     with tempfile.TemporaryDirectory() as scratch:
-        for name, (program, step, sample, output) in programs.items():
+        for name, (program, step, sample) in programs.items():
+            output = outputs[name]
             # each function is planned over the linears it calls (the steps share one T5)
             unused = linears_not_called(step, sample)
             plan = [d for d in plan_layers(step, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)

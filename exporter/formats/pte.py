@@ -435,13 +435,12 @@ def _build_coreml_decoder(model: LoadedModel, spec: ArtifactSpec, destination: P
 
 def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> Built:
     """A T5 as one program with two methods: ``encode`` (the encoder, and every decoder layer's
-    cross-attention keys and values) and ``decode`` (one token, its self-attention cache in the program)."""
-    if spec.backend == "coreml":
-        raise ConversionError(spec.filename, "a text-to-text model is exported for ExecuTorch's XNNPACK and portable "
-                                             "backends; its Core ML program is not built yet")
+    cross-attention keys and values) and ``decode`` (one token, its self-attention cache in the program).
+    For the Core ML delegate, decode is the .mlpackage's stateful step (the cache becomes Core ML state
+    inside the delegate, the position the length of ``decoder_mask``): one delegate call per method."""
     task = model.seq2seq
     t5 = task.working_copy()
-    encode, decode = seq2seq.step_modules(t5, task.max_target)
+    encode, decode = seq2seq.step_modules(t5, task.max_target)  # they call t5's layers: quantised below
     # Both methods read the same linears; each is quantised once, as a layer of the shared model. No GGUF
     # blocks are carried here, so every linear takes the recipe's re-quantisation scheme, the lm_head its own.
     head = ["lm_head"] if spec.lm_head_quant else []
@@ -455,11 +454,23 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     if spec.backend == "xnnpack":
         retrace_friendly(t5)
     try:
-        programs = seq2seq.export_methods(encode, decode, task.source_len)
+        if spec.backend == "coreml":
+            programs = {name: seq2seq.without_unused_weights(program) for name, (program, _, _)
+                        in seq2seq.export_core_ml_steps(t5, task.source_len, task.max_target).items()}
+        else:
+            programs = seq2seq.export_methods(encode, decode, task.source_len)
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the encode/decode steps failed: {describe_failure(exc)}") from exc
     details, _ = lower(programs, spec, destination, check_ir_validity=False)
-    details.update(methods=list(seq2seq.METHODS), source_len=task.source_len, max_target=task.max_target)
+    details.update(methods=list(seq2seq.METHODS), source_len=task.source_len, max_target=task.max_target,
+                   decode_inputs=[n.removeprefix("decode.") for n in seq2seq.signature_names(spec.backend == "coreml")[0]
+                                  if n.startswith("decode.")])
+    if spec.backend == "coreml":  # checked structurally: the largest inputs, as the method metadata reports them
+        source, config = (1, task.source_len), t5.config
+        details["sample_input_shapes"] = [source, source, (1, 1), (1, 1, 1, task.max_target),
+                                          (2 * config.num_decoder_layers, config.num_heads, task.source_len,
+                                           config.d_kv), source]
+        details["sample_output_count"] = len(seq2seq.signature_names(stateful=True)[1])
     if spec.smoothing:
         details["options_not_applied"] = {"smoothing": "SmoothQuant is calibrated for decoder-only models"}
     return Built(layers=layers, details=details)
