@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from exporter.bench import _run_engine, prompt_ids
+from exporter.bench import run_engine, prompt_ids
 
 
 def main(rounds: int, programs: list[Path]) -> None:
@@ -26,7 +26,7 @@ def main(rounds: int, programs: list[Path]) -> None:
     samples: dict[Path, list[dict]] = {p: [] for p in programs}
     for _ in range(rounds):
         for program in programs:
-            samples[program].append(_run_engine("anchor-runner", programs[0].parent, str(program), tokens))
+            samples[program].append(run_engine("anchor-runner", programs[0].parent, str(program), tokens))
     for program in programs:
         good = [s for s in samples[program] if "error" not in s]
         size = program.stat().st_size + (program.with_suffix(".ptd").stat().st_size if program.with_suffix(".ptd").exists() else 0)

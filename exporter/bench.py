@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import inspect
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from device_tests.runner import peak_rss_mb
 
 from . import console, files, manifest
 from .anchors import LABEL as ANCHOR_LABEL
@@ -73,7 +75,7 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
     end = time.perf_counter()
     return {"load_s": load_s, "ttft_s": first - start, "prefill_tokens_per_s": len(ids) / (first - start),
             "decode_tokens_per_s": DECODE_TOKENS / (end - first), "prompt_tokens": len(ids),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _text_llm_runner(folder: Path, program: Path) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def _text_llm_runner(folder: Path, program: Path) -> dict[str, Any]:
             "ttft_s": (r["first_token_ms"] - r["inference_start_ms"]) / 1000,
             "prefill_tokens_per_s": 1000 * r["prompt_tokens"] / prefill_ms,
             "decode_tokens_per_s": 1000 * r["generated_tokens"] / decode_ms, "prompt_tokens": r["prompt_tokens"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _llama_cpp(folder: Path) -> dict[str, Any]:
@@ -120,7 +122,7 @@ def _llama_cpp(folder: Path) -> dict[str, Any]:
     first, end = stamps[0], stamps[-1]
     return {"load_s": load_s, "ttft_s": first - start, "prefill_tokens_per_s": len(ids) / (first - start),
             "decode_tokens_per_s": (len(stamps) - 1) / (end - first), "prompt_tokens": len(ids),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def llama_cpp_available() -> bool:
@@ -147,10 +149,10 @@ class _EagerCached:
         return out.logits[0, -1].float().numpy()
 
 
-# Runs in LiteRT-LM's own environment (litert-lm-api; nothing of edgeship there): the engine Android apps
-# use, timing a .litertlm bundle with its own benchmark mode (prefill of N tokens, then N decode steps).
-_LITERTLM_WORKER = """
-import json, resource, sys, time
+# Runs in LiteRT-LM's own environment (litert-lm-api; nothing of edgeship there, so the peak-memory reader
+# is sent along as source): the engine Android apps use, timing a .litertlm bundle with its own benchmark
+# mode (prefill of N tokens, then N decode steps).
+_LITERTLM_WORKER = "import json, resource, sys, time\n" + inspect.getsource(peak_rss_mb) + """
 import litert_lm
 began = time.perf_counter()
 info = litert_lm.Benchmark(model_path=sys.argv[1], backend=litert_lm.interfaces.CPU(thread_count=int(sys.argv[4])),
@@ -159,7 +161,7 @@ print(json.dumps({"load_s": info.init_time_in_second, "ttft_s": info.time_to_fir
                   "prefill_tokens_per_s": info.last_prefill_tokens_per_second,
                   "decode_tokens_per_s": info.last_decode_tokens_per_second,
                   "prompt_tokens": info.last_prefill_token_count,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -175,7 +177,7 @@ def prompt_ids(tokenizer: Any) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _run_engine(engine: str, folder: Path, artifact: str | None, prompt_tokens: int) -> dict[str, Any]:
+def run_engine(engine: str, folder: Path, artifact: str | None, prompt_tokens: int) -> dict[str, Any]:
     if engine == "litertlm":  # LiteRT-LM's benchmark mode takes the prompt's length, not its tokens
         python = litertlm_python()
         assert python is not None and artifact is not None
@@ -210,6 +212,18 @@ def _anchor(folder: Path) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def app_engines(folder: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The engines apps run the export's artifacts in: each .pte in ExecuTorch's TextLLMRunner, each
+    .litertlm in LiteRT-LM (where its environment is installed)."""
+    built = [a for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
+    engines = [("pte-runner", a["name"]) for a in built
+               if a["format"] == "pte" and a.get("backend") != "coreml" and (folder / "tokenizer.json").is_file()]
+    if litertlm_python() is not None:
+        engines += [("litertlm", c["file"]) for a in built for c in a.get("companions", [])
+                    if c["file"].endswith(".litertlm")]
+    return engines
+
+
 def bench(folder: Path, runs: int = 3, *, anchors: bool = False) -> dict[str, Any]:
     data = manifest.require(folder)
     if data["golden"].get("kind") != "language-model":
@@ -219,13 +233,10 @@ def bench(folder: Path, runs: int = 3, *, anchors: bool = False) -> dict[str, An
         require_optimum_python()  # before any work
     engines: list[tuple[str, str | None]] = [("eager", None)]
     engines += [(a["format"], a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")]
-    engines += [("pte-runner", a["name"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
-                and a["format"] == "pte" and a.get("backend") != "coreml" and (folder / "tokenizer.json").is_file()]
+    engines += [engine for engine in app_engines(folder, data) if engine[0] == "pte-runner"]
     if llama_cpp_available() and data["model"]["source"].get("kind") == "gguf":  # the reference engine for GGUFs
         engines += [("llama.cpp", None)]
-    if litertlm_python() is not None:  # the bundle as LiteRT-LM runs it in an app
-        engines += [("litertlm", c["file"]) for a in data["artifacts"] if a.get("status") in ("passed", "failed")
-                    for c in a.get("companions", []) if c["file"].endswith(".litertlm")]
+    engines += [engine for engine in app_engines(folder, data) if engine[0] == "litertlm"]
     anchor: dict[str, Any] = _anchor(folder) if anchors else {}
     if anchor:  # a failed anchor still gets its row, with the error
         engines += [("anchor-runner", anchor.get("program"))]
@@ -236,7 +247,7 @@ def bench(folder: Path, runs: int = 3, *, anchors: bool = False) -> dict[str, An
     for _ in range(runs):  # round-robin: every engine sees the same machine conditions
         for kind, name in engines:
             samples[(kind, name)].append({"error": anchor["error"]} if kind == "anchor-runner" and "error" in anchor
-                                         else _run_engine(kind, folder, name, prompt_tokens))
+                                         else run_engine(kind, folder, name, prompt_tokens))
     rows = []
     for kind, name in engines:
         key = name or kind
