@@ -36,6 +36,10 @@ def export_command(args: argparse.Namespace) -> int:
     target = load_target(args.target)  # before the model: a typo in the target should fail in a second
     progress = Progress(quiet=args.quiet)
     spec = args.model or default_model()
+    if not args.no_memory_check:
+        from . import memory_plan
+
+        memory_plan.refuse_before_loading(spec, any(s.format.value == "tflite" for s in target.artifacts))
     with progress.stage(f"loading {spec}"):
         model = load_model(spec, SourceOptions(seq_len=args.seq_len, batch_size=args.batch_size,
                                                context_len=args.context_len))

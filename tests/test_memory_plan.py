@@ -64,3 +64,31 @@ def test_the_export_is_refused_before_the_reference_and_goes_on_when_told_to_ign
     assert not (tmp_path / "dist" / "float" / model.name / "golden.npz").exists()  # no heavy work began
     with pytest.raises(ExportError, match="--context-len 32 is too short for the parity check's prompts"):
         export(target, model, tmp_path / "dist", memory_check=False)  # past the memory check: the next one
+
+
+def test_a_checkpoint_too_large_for_memory_is_refused_before_it_is_loaded(
+        tmp_path: Path, smollm2_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading alone holds a model in fp32 (19 GiB for a 3.8B checkpoint): the parameter count is read
+    from the safetensors headers, and an export that cannot fit even one artifact at a time stops there."""
+    import argparse
+
+    from exporter.commands import export_command
+    from tests.conftest import make_tiny_lm
+
+    folder = make_tiny_lm(tmp_path / "lm", "llama", smollm2_tokenizer_folder)
+    count = memory_plan.parameters_on_disk(str(folder))
+    assert count == sum(p.numel() for p in load_model_weights(folder))
+    loads = []
+    monkeypatch.setattr("exporter.sources.load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda: int(estimated_peak(4 * count, False)) - 1)
+    args = argparse.Namespace(target="android", model=str(folder), no_memory_check=False, quiet=True, seq_len=None,
+                              batch_size=None, context_len=None, only="", output=str(tmp_path), sequential=False)
+    with pytest.raises(ExportError, match="even one artifact at a time"):
+        export_command(args)
+    assert not loads
+
+
+def load_model_weights(folder: Path) -> list:
+    from safetensors.torch import load_file
+
+    return [t for f in folder.glob("*.safetensors") for t in load_file(str(f)).values()]
