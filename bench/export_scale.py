@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -79,7 +78,9 @@ def checkpoint(name: str) -> tuple[Path, int]:
         shutil.rmtree(folder, ignore_errors=True)
         staging.replace(folder)
         del model
-    return folder, parameters(folder)
+    from exporter.memory_plan import parameters_on_disk
+
+    return folder, parameters_on_disk(str(folder))  # a tied table once
 
 
 def runtime_peaks(folder: Path) -> dict[str, float | None]:
@@ -93,18 +94,6 @@ def runtime_peaks(folder: Path) -> dict[str, float | None]:
     tokens = len(prompt_ids(AutoTokenizer.from_pretrained(str(folder))))
     return {f"{kind} {name}": run_engine(kind, folder, name, tokens).get("peak_rss_mb")
             for kind, name in app_engines(folder, manifest.require(folder))}
-
-
-def parameters(folder: Path) -> int:
-    """Parameters stored in the folder's safetensors files (a tied table once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                total += math.prod(handle.get_slice(key).get_shape())
-    return total
 
 
 def main(argv: list[str]) -> int:

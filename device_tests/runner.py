@@ -27,8 +27,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "8"
-
+RUNNER_VERSION = "9"
 
 
 def peak_rss_mb():
@@ -44,6 +43,7 @@ def peak_rss_mb():
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
 
 def _import(name):
     try:

@@ -16,7 +16,7 @@ from exporter.formats import format_module
 from exporter.pipeline import export
 from exporter.sources import SourceOptions, load_model
 from exporter.targets import load_target_file
-from tests.conftest import run_cli, write_target
+from tests.conftest import FLOAT_BOTH, run_cli, write_target
 from tests.text_to_text import make_tiny_t5, write_t5_gguf
 
 TARGET = """
@@ -219,23 +219,6 @@ def test_an_unsupported_encoder_decoder_is_refused_naming_t5(tmp_path: Path) -> 
         load_model(str(folder))
 
 
-FLOAT_TARGET = """
-description = "text-to-text, float"
-[[artifact]]
-format = "pte"
-quant = "fp32"
-[artifact.parity]
-min_token_agreement = 0.99
-min_greedy_match = 1.0
-[[artifact]]
-format = "tflite"
-quant = "fp32"
-[artifact.parity]
-min_token_agreement = 0.99
-min_greedy_match = 1.0
-"""
-
-
 @pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
 def test_a_t5_gguf_loads_as_its_checkpoint_and_exports(tmp_path: Path, feed_forward: str) -> None:
     """A T5 GGUF as llama.cpp's converter writes it: the same logits and tokens as the checkpoint it was
@@ -257,7 +240,7 @@ def test_a_t5_gguf_loads_as_its_checkpoint_and_exports(tmp_path: Path, feed_forw
     assert [loaded.seq2seq.tokenizer(t).input_ids for t in texts] == [folder_tokenizer(t).input_ids for t in texts]
     if feed_forward == "relu":
         return  # one export is enough to show a GGUF's model reaches the runtimes
-    summary = export(load_target_file(write_target(tmp_path, "float", FLOAT_TARGET)), loaded, tmp_path / "dist")
+    summary = export(load_target_file(write_target(tmp_path, "float", FLOAT_BOTH)), loaded, tmp_path / "dist")
     manifest = json.loads((summary.folder / "manifest.json").read_text())
     for record in manifest["artifacts"]:
         assert record["status"] == "passed", (record["name"], record.get("failures"), record.get("error"))

@@ -440,7 +440,6 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     inside the delegate, the position the length of ``decoder_mask``): one delegate call per method."""
     task = model.seq2seq
     t5 = task.working_copy()
-    encode, decode = seq2seq.step_modules(t5, task.max_target)  # they call t5's layers: quantised below
     # Both methods read the same linears; each is quantised once, as a layer of the shared model. No GGUF
     # blocks are carried here, so every linear takes the recipe's re-quantisation scheme, the lm_head its own.
     head = ["lm_head"] if spec.lm_head_quant else []
@@ -458,7 +457,7 @@ def build_seq2seq(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
             programs = {name: seq2seq.without_unused_weights(program) for name, (program, _, _)
                         in seq2seq.export_core_ml_steps(t5, task.source_len, task.max_target).items()}
         else:
-            programs = seq2seq.export_methods(encode, decode, task.source_len)
+            programs = seq2seq.export_methods(*seq2seq.step_modules(t5, task.max_target), task.source_len)
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the encode/decode steps failed: {describe_failure(exc)}") from exc
     details, _ = lower(programs, spec, destination, check_ir_validity=False)
