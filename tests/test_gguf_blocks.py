@@ -13,7 +13,7 @@ from exporter.sources.gguf_blocks import Blocks, read_blocks
 from tests.conftest import make_tiny_gguf, smollm2_gguf
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap: not a reason to keep this module's tests on one worker
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.Q4_1.gguf")
 

@@ -30,7 +30,10 @@ min_token_agreement = 0.99
 """
 
 
-@pytest.fixture(scope="module")
+# Session-scoped, not module-scoped: writing the tiny folders takes seconds, so each worker writes its own
+# and the tests that use them spread over both workers (a module-scoped fixture groups its module's tests
+# on one worker: tests/conftest.py).
+@pytest.fixture(scope="session")
 def tiny_lms(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_folder: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-lms")
     return {arch: make_tiny_lm(root / f"tiny-{arch}", arch, smollm2_tokenizer_folder) for arch in SUPPORTED}

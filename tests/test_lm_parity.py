@@ -12,7 +12,7 @@ from device_tests import runner
 from exporter import lm_parity
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap: not a reason to keep this module's tests on one worker
 def tokenizer(smollm2_tokenizer_folder: Path):
     from transformers import AutoTokenizer
 
