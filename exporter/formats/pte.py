@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import re
@@ -20,7 +21,7 @@ from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from ..heap import return_freed_memory
 from ..weights_on_disk import own_memory
-from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table
+from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table, xnnpack_shapes
 from .xnnpack_linears import retrace_friendly
 
 # "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
@@ -393,7 +394,8 @@ def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec:
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
     seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
     try:
-        program = torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, None), strict=False)
+        with xnnpack_shapes.for_decoder(decoder, causal_lm.config) if spec.backend == "xnnpack" else contextlib.nullcontext():
+            program = torch.export.export(decoder, sample, dynamic_shapes=({1: seq}, None), strict=False)
     except Exception as exc:
         raise ConversionError(spec.filename, f"torch.export of the KV-cache decoder failed: {describe_failure(exc)}") from exc
     metadata = llm.runner_metadata(causal_lm.config, language.tokenizer, language.max_context, language.eos_ids)
