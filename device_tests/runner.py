@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 
-RUNNER_VERSION = "9"
+RUNNER_VERSION = "10"
 
 
 def peak_rss_mb():
@@ -111,10 +111,18 @@ def signature_order(interpreter, details, kind):
     return sorted(details, key=lambda name: position.get(details[name]["index"], len(position)))
 
 
-def tflite_runner(path):
+def tflite_interpreter(path):
+    """LiteRT's interpreter (or tflite-runtime's) on every core. Both Python APIs run one thread unless
+    told otherwise, while ExecuTorch's threadpool, LiteRT-LM and apps use all of them: latency measured on
+    one thread would compare a .tflite unfairly, and its parity check took twice as long."""
     module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
-    interpreter = module.Interpreter(model_path=path)
+    interpreter = module.Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
     interpreter.allocate_tensors()
+    return interpreter
+
+
+def tflite_runner(path):
+    interpreter = tflite_interpreter(path)
     runner = interpreter.get_signature_runner()
     inputs = runner.get_input_details()
     names = signature_order(interpreter, inputs, "inputs")
@@ -132,9 +140,7 @@ def tflite_lm_stepper(path):
     carried between calls as explicit inputs/outputs. The exporter's host parity uses this same code."""
     import numpy as np
 
-    module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
-    interpreter = module.Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    interpreter = tflite_interpreter(path)
     signatures = interpreter.get_signature_list()
     decode = interpreter.get_signature_runner("decode")
     prefill_name = next((n for n in signatures if n.startswith("prefill")), None)
@@ -331,9 +337,7 @@ class TfliteSeq2Seq:
     def __init__(self, path):
         import numpy as np
 
-        module = _import("ai_edge_litert.interpreter") or _import("tflite_runtime.interpreter")
-        interpreter = module.Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
+        interpreter = tflite_interpreter(path)
         self.runners = {name: interpreter.get_signature_runner(name) for name in ("encode", "decode")}
         # litert-torch stores int64 inputs as int32: each input is fed in the type the signature declares
         self.dtypes = {name: {k: d["dtype"] for k, d in runner.get_input_details().items()}
