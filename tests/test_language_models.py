@@ -78,13 +78,14 @@ def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_arti
     def build(*args):
         built = real_build(*args)
         events.append(".pte built")
-        # The child converts, then waits to be told to write its model (its memory peak).
+        # The child converts and writes its float model, drops its torch weights, then waits to be told
+        # to quantise (its second memory peak).
         running = next(iter(tflite._started.values()))
         deadline = time.monotonic() + 600
-        while not running.converted and running.process.poll() is None and time.monotonic() < deadline:
+        while not running.waiting and running.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        waiting = running.converted and running.process.poll() is None and not (running.work / "model.tflite").exists()
-        events.append("litert converted, waiting" if waiting else "litert not waiting")
+        waiting = running.waiting and running.process.poll() is None and (running.work / "model.tflite").is_file()
+        events.append("litert written, waiting" if waiting else "litert not waiting")
         return built
 
     def finish(running):
@@ -99,7 +100,7 @@ def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_arti
     summary = export(target, model, tmp_path / "dist")
     assert summary.ok, [(r.record["name"], r.record.get("error")) for r in summary.results]
     assert [r.record["parity"]["metrics"]["greedy_match"] for r in summary.results] == [1.0, 1.0]
-    assert events == ["litert started", ".pte built", "litert converted, waiting", "told to go, source weights parked"]
+    assert events == ["litert started", ".pte built", "litert written, waiting", "told to go, source weights parked"]
     assert all(p.numel() > 0 for p in model.language.causal_lm.parameters())  # back after the build
     assert (summary.folder / "litert-fp32.litertlm").is_file()
     assert not list(summary.folder.glob(".staging-*")) and not tflite._started  # collected, nothing left behind

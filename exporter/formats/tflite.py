@@ -368,38 +368,35 @@ def _write_fp32_weights(model: LoadedModel, smoothing: float | None, folder: Pat
 # its peak memory is returned to the system when it exits. Its lightweight conversion reads constants
 # lazily: on the default model the child peaks at 2.63 GiB instead of 3.70 and takes 66 s instead of 79,
 # with the same ops and the same top-1/KL/greedy numbers (docs/measurements.md "Export time and memory").
-# Its peak is the last few seconds (writing the float flatbuffer, then ai-edge-quantizer), so once converted
-# it waits, holding its steady 1.9 GiB, until the parent says go (a line on stdin, or the pipe closing):
-# the parent says so when its own memory is low (build_decoder, with the source weights parked), not in
-# the middle of a .pte lowering. Before quantising it drops the torch model's weights and returns the freed
-# heap (2.66 -> 2.18 GiB): the prefill/decode model is written by then, and nothing after it (tokenizer, bundle)
-# reads them for LITERT_LM_ARCHITECTURES (only gemma's per-layer embedder, not sent here, would).
+# It holds the torch model's weights (fp32, as it reads the folder) until its float flatbuffer is written:
+# 4.6 of the 5.9 GiB it held for a 1.2B model. So it writes that flatbuffer as soon as it is converted, drops
+# the weights and returns the freed heap (nothing after the write reads them for LITERT_LM_ARCHITECTURES:
+# only gemma's per-layer embedder, not sent here, would), then waits before its second peak, ai-edge-quantizer,
+# until the parent says go (a line on stdin, or the pipe closing): the parent says so when its own memory is
+# low (build_decoder, with the source weights parked), not in the middle of a .pte lowering.
 _EXPORT_HF = """
 import contextlib, ctypes, gc, io, json, sys
 from pathlib import Path
+import torch
 from litert_torch import model as litert_model
 from litert_torch.generative.export_hf import export as export_hf
-from litert_torch.generative.export_hf.core import export_lib
 args = json.loads(sys.argv[1])
 
-write = litert_model.LiteRTModel.export
-def write_when_told(self, path):
-    (Path(args["work"]) / "converted").touch()
-    sys.stdin.readline()
-    return write(self, path)
-litert_model.LiteRTModel.export = write_when_told
-
-import torch
-quantise = export_lib.maybe_quantize_model
-def quantise_lean(*positional, **named):
+def drop_torch_weights():
     for module in [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]:
         for parameter in module.parameters(recurse=False):
             parameter.data = torch.empty(0, dtype=parameter.dtype)
     gc.collect()
     if sys.platform == "linux":
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return quantise(*positional, **named)
-export_lib.maybe_quantize_model = quantise_lean
+
+write = litert_model.LiteRTModel.export
+def write_then_wait(self, path):
+    write(self, path)
+    drop_torch_weights()
+    (Path(args["work"]) / "written").touch()
+    sys.stdin.readline()
+litert_model.LiteRTModel.export = write_then_wait
 
 with contextlib.redirect_stdout(io.StringIO()):
     export_hf.export(args["folder"], args["work"], prefill_lengths=[args["prefill"]], cache_length=args["cache"],
@@ -416,9 +413,9 @@ class _Running:
     work: Path
 
     @property
-    def converted(self) -> bool:
-        """Converted and waiting to be told to write (and quantise) its model."""
-        return (self.work / "converted").is_file()
+    def waiting(self) -> bool:
+        """Its float model written, its torch weights dropped, waiting to be told to quantise."""
+        return (self.work / "written").is_file()
 
     def finish(self) -> tuple[int, str]:
         with contextlib.suppress(BrokenPipeError):
