@@ -108,6 +108,44 @@ def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_arti
     assert again.ok and len(events) == 4
 
 
+def _memory_gib(pid: int) -> dict[str, float]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in lines if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def test_litert_child_waits_without_its_float_flatbuffer_in_memory(smollm2_tokenizer_folder: Path, tmp_path: Path) -> None:
+    """Converted, litert-torch holds the float flatbuffer as bytes, fp32 weights as big as the model's (4.6 GiB
+    for a 1.2B model): the child writes it and lets go of it, and of the torch weights, before it waits
+    through the parent's .pte build. A model with a wide embedding table makes that visible."""
+    import subprocess
+    import sys
+
+    from exporter.formats import tflite
+
+    folder = make_tiny_lm(tmp_path / "wide-llama", "llama", smollm2_tokenizer_folder, hidden_size=2048,
+                          intermediate_size=256, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = {"folder": str(folder), "work": str(work), "recipe": None, "prefill": 16, "cache": 64}
+    child = subprocess.Popen([sys.executable, "-c", tflite._EXPORT_HF, json.dumps(args)], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=(work / "stderr.txt").open("w"))
+    try:
+        deadline = time.monotonic() + 600
+        while not (work / "written").is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (work / "written").is_file() and child.poll() is None, (work / "stderr.txt").read_text()[-2000:]
+        flatbuffer = (work / "model.tflite").stat().st_size / 2**30
+        waiting = _memory_gib(child.pid)
+        assert flatbuffer > 0.38  # the embedding table alone, in fp32
+        # Its peak held the torch weights, the bytes and the conversion's own copy of the weights, about three
+        # flatbuffers beyond what it holds waiting; about two with the bytes kept (measured: 2.9 and 1.9).
+        assert waiting["VmHWM"] - waiting["VmRSS"] > 2.5 * flatbuffer, (waiting, flatbuffer)
+    finally:
+        child.stdin.close()  # go
+        assert child.wait(timeout=600) == 0, (work / "stderr.txt").read_text()[-2000:]
+    assert (work / "model.litertlm").is_file()
+
+
 def test_sequential_flag_starts_no_litert_export_ahead(tiny_lms: dict[str, Path], tmp_path: Path) -> None:
     """--sequential: litert-torch's child starts when its artifact's turn comes, not ahead of the others
     (only the .tflite is built here: without the flag it would still be started ahead)."""

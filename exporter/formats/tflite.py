@@ -368,12 +368,13 @@ def _write_fp32_weights(model: LoadedModel, smoothing: float | None, folder: Pat
 # its peak memory is returned to the system when it exits. Its lightweight conversion reads constants
 # lazily: on the default model the child peaks at 2.63 GiB instead of 3.70 and takes 66 s instead of 79,
 # with the same ops and the same top-1/KL/greedy numbers (docs/measurements.md "Export time and memory").
-# It holds the torch model's weights (fp32, as it reads the folder) until its float flatbuffer is written:
-# 4.6 of the 5.9 GiB it held for a 1.2B model. So it writes that flatbuffer as soon as it is converted, drops
-# the weights and returns the freed heap (nothing after the write reads them for LITERT_LM_ARCHITECTURES:
-# only gemma's per-layer embedder, not sent here, would), then waits before its second peak, ai-edge-quantizer,
-# until the parent says go (a line on stdin, or the pipe closing): the parent says so when its own memory is
-# low (build_decoder, with the source weights parked), not in the middle of a .pte lowering.
+# Converted, it holds the float flatbuffer as bytes (fp32 weights: 4.6 GiB for a 1.2B model) and the torch
+# model. So it writes that flatbuffer at once, lets go of the bytes and the torch weights and returns the
+# freed heap (at SmolLM2-135M's shape it then waits at 1.37 GiB instead of 1.90; nothing after the write reads
+# the weights for LITERT_LM_ARCHITECTURES: only gemma's per-layer embedder, not sent here, would), and waits
+# before its second peak, ai-edge-quantizer, until the parent says go (a line on stdin, or the pipe closing):
+# the parent says so when its own memory is low (build_decoder, with the source weights parked), not in the
+# middle of a .pte lowering.
 _EXPORT_HF = """
 import contextlib, ctypes, gc, io, json, sys
 from pathlib import Path
@@ -393,6 +394,7 @@ def drop_torch_weights():
 write = litert_model.LiteRTModel.export
 def write_then_wait(self, path):
     write(self, path)
+    self.__init__(litert_model.FileExporter(path))  # lets go of the flatbuffer's bytes, read back from the file
     drop_torch_weights()
     (Path(args["work"]) / "written").touch()
     sys.stdin.readline()
