@@ -117,32 +117,27 @@ def test_litert_child_waits_without_its_float_flatbuffer_in_memory(smollm2_token
     """Converted, litert-torch holds the float flatbuffer as bytes, fp32 weights as big as the model's (4.6 GiB
     for a 1.2B model): the child writes it and lets go of it, and of the torch weights, before it waits
     through the parent's .pte build. A model with a wide embedding table makes that visible."""
-    import subprocess
-    import sys
-
     from exporter.formats import tflite
 
     folder = make_tiny_lm(tmp_path / "wide-llama", "llama", smollm2_tokenizer_folder, hidden_size=2048,
                           intermediate_size=256, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
     work = tmp_path / "work"
     work.mkdir()
-    args = {"folder": str(folder), "work": str(work), "recipe": None, "prefill": 16, "cache": 64}
-    child = subprocess.Popen([sys.executable, "-c", tflite._EXPORT_HF, json.dumps(args)], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=(work / "stderr.txt").open("w"))
+    child = tflite.start_export_hf(folder, work, None, 16, 64)
     try:
         deadline = time.monotonic() + 600
-        while not (work / "written").is_file() and child.poll() is None and time.monotonic() < deadline:
+        while not child.waiting and child.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert (work / "written").is_file() and child.poll() is None, (work / "stderr.txt").read_text()[-2000:]
+        assert child.waiting and child.process.poll() is None, (work / "stderr.txt").read_text()[-2000:]
         flatbuffer = (work / "model.tflite").stat().st_size / 2**30
-        waiting = _memory_gib(child.pid)
+        waiting = _memory_gib(child.process.pid)
         assert flatbuffer > 0.38  # the embedding table alone, in fp32
         # Its peak held the torch weights, the bytes and the conversion's own copy of the weights, about three
         # flatbuffers beyond what it holds waiting; about two with the bytes kept (measured: 2.9 and 1.9).
         assert waiting["VmHWM"] - waiting["VmRSS"] > 2.5 * flatbuffer, (waiting, flatbuffer)
     finally:
-        child.stdin.close()  # go
-        assert child.wait(timeout=600) == 0, (work / "stderr.txt").read_text()[-2000:]
+        code, stderr = child.finish()  # go
+        assert code == 0, stderr[-2000:]
     assert (work / "model.litertlm").is_file()
 
 

@@ -438,8 +438,13 @@ _started: dict[tuple[str, str], _Running] = {}  # exports started ahead of their
 
 def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
     language = model.language
-    args = {"folder": str(_hf_folder(model, spec.smoothing)), "work": str(work), "recipe": _recipe(spec),
-            "prefill": min(PREFILL_LENGTH, language.max_context - 1), "cache": language.max_context}
+    return start_export_hf(_hf_folder(model, spec.smoothing), work, _recipe(spec),
+                           min(PREFILL_LENGTH, language.max_context - 1), language.max_context)
+
+
+def start_export_hf(folder: Path, work: Path, recipe: str | None, prefill: int, cache: int) -> _Running:
+    """litert-torch's export of the HF folder into ``work``, started in its child process."""
+    args = {"folder": str(folder), "work": str(work), "recipe": recipe, "prefill": prefill, "cache": cache}
     with open(work / "stderr.txt", "w") as log:  # a file, not a pipe: nobody reads a pipe while it runs ahead
         process = subprocess.Popen([sys.executable, "-c", _EXPORT_HF, json.dumps(args)], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=log)
