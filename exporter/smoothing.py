@@ -26,20 +26,26 @@ def calibration_text() -> str:
     return resources.files("exporter.data").joinpath("calibration_text.txt").read_text()
 
 
-def _activation_maxima(model: nn.Module, tokenizer: Any, linears: list[nn.Linear]) -> dict[nn.Linear, torch.Tensor]:
-    maxima: dict[nn.Linear, torch.Tensor] = {}
+def activation_maxima(model: nn.Module, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """The largest |input| of every linear layer of the float ``model`` over the calibration text, by layer
+    name: what smoothing needs from a forward pass, the same for every copy of the same weights."""
+    names = {layer: name for name, layer in model.named_modules() if isinstance(layer, nn.Linear)}
+    maxima: dict[str, torch.Tensor] = {}
 
     def hook(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        name = names[layer]
         seen = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-        maxima[layer] = torch.maximum(maxima[layer], seen) if layer in maxima else seen
+        maxima[name] = torch.maximum(maxima[name], seen) if name in maxima else seen
 
-    handles = [layer.register_forward_pre_hook(hook) for layer in linears]
+    handles = [layer.register_forward_pre_hook(hook) for layer in names]
     ids = tokenizer(calibration_text())["input_ids"]
-    with torch.no_grad():
-        for start in range(0, len(ids), 256):
-            model(torch.tensor([ids[start:start + 256]]))
-    for handle in handles:
-        handle.remove()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), 256):
+                model(torch.tensor([ids[start:start + 256]]))
+    finally:
+        for handle in handles:
+            handle.remove()
     return maxima
 
 
@@ -80,19 +86,23 @@ def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     return pairs
 
 
-def smooth(model: nn.Module, tokenizer: Any, alpha: float = 0.5, carried: dict[nn.Module, Blocks] | None = None) -> int:
+def smooth(model: nn.Module, tokenizer: Any, alpha: float = 0.5, carried: dict[nn.Module, Blocks] | None = None,
+           maxima: dict[str, torch.Tensor] | None = None) -> int:
     """Smooth ``model`` in place (float-equivalent), and the ``carried`` GGUF blocks of its linears
-    with it; returns how many linears were rescaled."""
+    with it; returns how many linears were rescaled. ``maxima``: activation_maxima of these weights,
+    measured before (each artifact that smooths a copy of the same model needs the same), else measured here."""
     carried = carried or {}
     pairs = _pairs(model)
-    maxima = _activation_maxima(model, tokenizer, [c[0] for _, c in pairs])
+    if maxima is None:
+        maxima = activation_maxima(model, tokenizer)
+    name_of = {layer: name for name, layer in model.named_modules()}
     rescaled = 0
     with torch.no_grad():
         for producer, consumers in pairs:
             if any(c in carried for c in consumers):
-                s = _block_scales(maxima[consumers[0]], alpha, GROUP)
+                s = _block_scales(maxima[name_of[consumers[0]]], alpha, GROUP)
             else:
-                s = _scales(maxima[consumers[0]], consumers, alpha)
+                s = _scales(maxima[name_of[consumers[0]]], consumers, alpha)
             if isinstance(producer, nn.Linear):  # up_proj: scale its output rows (and bias)
                 producer.weight.div_(s.unsqueeze(1))
                 if producer.bias is not None:

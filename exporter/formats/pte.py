@@ -364,8 +364,8 @@ def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec:
             head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         by_module = {causal_lm.get_submodule(name): blocks for name, blocks in carried.items()}
-        details_extra["smoothing"] = {"alpha": spec.smoothing,
-                                      "rescaled_linears": smooth(causal_lm, language.tokenizer, spec.smoothing, by_module)}
+        rescaled = smooth(causal_lm, language.tokenizer, spec.smoothing, by_module, language.calibration_maxima(causal_lm))
+        details_extra["smoothing"] = {"alpha": spec.smoothing, "rescaled_linears": rescaled}
     # A shared table is tied after the lm_head is quantised (it reads the head's int8 rows); 1/s undoes the
     # smoothing the head's columns took, measured now while both are float.
     unsmooth = (tied_table.unsmoothing(causal_lm.get_input_embeddings().weight,

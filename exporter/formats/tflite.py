@@ -356,7 +356,8 @@ def _write_fp32_weights(model: LoadedModel, smoothing: float | None, folder: Pat
     if smoothing:
         from ..smoothing import smooth
 
-        smooth(causal_lm, model.language.tokenizer, smoothing)  # a tied lm_head stays tied (and unsmoothed)
+        maxima = model.language.calibration_maxima(causal_lm)
+        smooth(causal_lm, model.language.tokenizer, smoothing, maxima=maxima)  # a tied lm_head stays tied (unsmoothed)
     conv1d_from_linears(causal_lm)  # GPT-2's checkpoints keep its projections transposed, as Conv1D
     save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})
     model.language.tokenizer.save_pretrained(folder)
