@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ import torch
 from . import files, lm_parity, manifest, memory_plan, reuse, runtimes, seq2seq, seq2seq_parity
 from .errors import ConversionError, ExportError, OutputError
 from .formats import format_module
-from .heap import return_freed_memory
+from .heap import FLOAT_COPY_RELEASED, return_freed_memory
 from .progress import Progress
 from .quant import SCHEMES
 from .sources import LoadedModel
@@ -30,6 +31,7 @@ from .targets import ArtifactSpec, Target
 from .validate import Golden, make_golden, measure, record_verdict
 
 OK_STATUSES = ("passed", "pending-mac")
+_STOPPING = threading.Event()  # set when an export fails: an artifact checked beside it stops at its next step
 
 
 @dataclass
@@ -185,28 +187,72 @@ class _RuntimeCheck:
 
 def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None, plans: list[reuse.Plan], folder: Path,
                golden: Golden | lm_parity.Reference, progress: Progress, on_runtimes: _RuntimeCheck) -> list[ArtifactResult]:
-    """Each artifact in the target's order: reused if unchanged, copied if another target built it, else built."""
-    results = []
-    for plan in plans:
-        spec = plan.spec
-        if plan.reused is not None:
-            reused = reuse.rejudge(plan.reused, spec)
-            progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
-            results.append(ArtifactResult(spec, reused["status"], reused))
-            continue
-        if plan.elsewhere is not None:
-            origin, record = reuse.copy_from_other_target(plan.elsewhere, spec, folder)
-            record = reuse.rejudge(record, spec)
-            progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
-                         f"({record['status']})")
-            results.append(ArtifactResult(spec, record["status"], record))
-            continue
-        if program is None and model.kind == "tensor":
-            with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
-                program = _trace(model)
-        results.append(_build_one(model, program, spec, folder, golden, plan.key, progress, on_runtimes))
-        return_freed_memory()  # the parity check's loaded runtimes and programs
-    return results
+    """Each artifact in the target's order: reused if unchanged, copied if another target built it, else built.
+
+    An artifact whose export was started ahead in a child process (start_decoder) is finished and checked
+    in a thread beside the others, once its child has converted and the build in progress has let go of its
+    float working copy: a .pte's lowering runs on one core, and the .tflite's quantising and parity check
+    fill the other (docs/measurements.md "Export cost against model size")."""
+    tflite = format_module("tflite")
+    ahead = [plan for plan in plans if plan.builds and plan.spec.format.value == "tflite"
+             and tflite.started_ahead(model, plan.spec)]
+    done: dict[str, ArtifactResult] = {}
+    failures: list[BaseException] = []
+
+    def finish_beside(plan: reuse.Plan) -> None:
+        try:
+            tflite.wait_until_converted(model, plan.spec)
+            FLOAT_COPY_RELEASED.wait()
+            if not _STOPPING.is_set():
+                done[plan.spec.name] = _build_one(model, program, plan.spec, folder, golden, plan.key, progress,
+                                                  on_runtimes)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            failures.append(exc)
+
+    _STOPPING.clear()
+    FLOAT_COPY_RELEASED.clear()
+    beside = [threading.Thread(target=finish_beside, args=(plan,), name=f"beside-{plan.spec.name}", daemon=True)
+              for plan in ahead]
+    for thread in beside:
+        thread.start()
+    try:
+        for plan in plans:
+            if plan in ahead:
+                continue
+            if plan.builds and program is None and model.kind == "tensor":
+                with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):
+                    program = _trace(model)
+            done[plan.spec.name] = _build_or_reuse(model, program, plan, folder, golden, progress, on_runtimes)
+            FLOAT_COPY_RELEASED.set()
+    except BaseException:
+        _STOPPING.set()  # the threads beside stop at their next step
+        tflite.cancel_started()
+        raise
+    finally:
+        FLOAT_COPY_RELEASED.set()
+        for thread in beside:
+            thread.join()
+    if failures:
+        raise failures[0]
+    return [done[plan.spec.name] for plan in plans]
+
+
+def _build_or_reuse(model: LoadedModel, program: torch.export.ExportedProgram | None, plan: reuse.Plan, folder: Path,
+                    golden: Golden | lm_parity.Reference, progress: Progress, on_runtimes: _RuntimeCheck) -> ArtifactResult:
+    spec = plan.spec
+    if plan.reused is not None:
+        reused = reuse.rejudge(plan.reused, spec)
+        progress.say(f"{spec.filename}: unchanged since the last export, reused ({reused['status']})")
+        return ArtifactResult(spec, reused["status"], reused)
+    if plan.elsewhere is not None:
+        origin, record = reuse.copy_from_other_target(plan.elsewhere, spec, folder)
+        record = reuse.rejudge(record, spec)
+        progress.say(f"{spec.filename}: the same artifact was built for target {origin}; copied, not rebuilt "
+                     f"({record['status']})")
+        return ArtifactResult(spec, record["status"], record)
+    result = _build_one(model, program, spec, folder, golden, plan.key, progress, on_runtimes)
+    return_freed_memory()  # the parity check's loaded runtimes and programs
+    return result
 
 
 def _measure_language_model(fmt: Any, spec: ArtifactSpec, path: Path, ref: lm_parity.Reference,
@@ -214,12 +260,21 @@ def _measure_language_model(fmt: Any, spec: ArtifactSpec, path: Path, ref: lm_pa
     stepper = fmt.lm_stepper(path, spec.backend)
     if stepper is None:
         return None
-    metrics = lm_parity.measure(stepper, ref, model.language.eos_ids)
+    metrics = lm_parity.measure(_stoppable(stepper), ref, model.language.eos_ids)
     record["generations"] = [model.language.tokenizer.decode(g) for g in metrics.pop("generations")]
     if spec.format.value == "pte" and (folder / "tokenizer.json").is_file():
         prompt = model.language.tokenizer.decode(ref.prompt_ids[0])
         record["text_llm_runner"] = fmt.run_text_llm_runner(path, folder / "tokenizer.json", prompt, len(ref.greedy[0]))
     return metrics
+
+
+def _stoppable(step: lm_parity.LMStepper) -> lm_parity.LMStepper:
+    def guarded(tokens: list[int], start_pos: int) -> np.ndarray:
+        if _STOPPING.is_set():
+            raise ExportError("stopped: the export failed")
+        return step(tokens, start_pos)
+
+    return guarded
 
 
 def _measure_seq2seq(fmt: Any, spec: ArtifactSpec, path: Path, ref: seq2seq_parity.Reference, model: LoadedModel,

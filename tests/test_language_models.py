@@ -65,10 +65,15 @@ def test_tiny_language_model_exports_to_every_format_and_generates_like_eager(
 def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_artifacts(
     tiny_lms: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """litert-torch's child converts while the .pte builds; once it has written its float model and the .pte
+    has quantised (let go of) its float copy, the .tflite is quantised and checked beside the .pte's
+    lowering, not after it."""
+    from exporter import heap
     from exporter.formats import pte, tflite
 
-    events: list[str] = []
+    events: list[object] = []
     real_launch, real_build, real_finish = tflite._launch, pte.build, tflite._Running.finish
+    real_stepper = tflite.lm_stepper
     model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
 
     def launch(*args):  # the real ones, noting when each happened
@@ -77,35 +82,76 @@ def test_export_starts_litert_beside_the_pte_by_default_and_builds_the_same_arti
 
     def build(*args):
         built = real_build(*args)
-        events.append(".pte built")
-        # The child converts and writes its float model, drops its torch weights, then waits to be told
-        # to quantise (its second memory peak).
-        running = next(iter(tflite._started.values()))
-        deadline = time.monotonic() + 600
-        while not running.waiting and running.process.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 600  # the .tflite's check starts while this build is still going
+        while "checking the .tflite" not in events and time.monotonic() < deadline:
             time.sleep(0.2)
-        waiting = running.waiting and running.process.poll() is None and (running.work / "model.tflite").is_file()
-        events.append("litert written, waiting" if waiting else "litert not waiting")
+        events.append(".pte built")
         return built
 
     def finish(running):
         parked = all(p.numel() == 0 for p in model.language.causal_lm.parameters())
-        events.append("told to go, source weights parked" if parked else "told to go, source weights in memory")
+        # The child converted and wrote its float model, dropped its torch weights, and waits to be told to
+        # quantise (its second memory peak), which it is once the .pte's float copy is gone.
+        waiting = running.waiting and running.process.poll() is None and (running.work / "model.tflite").is_file()
+        events.append(("told to go", "parked" if parked else "in memory", "waiting" if waiting else "not waiting",
+                       heap.FLOAT_COPY_RELEASED.is_set()))
         return real_finish(running)
+
+    def stepper(*args):
+        events.append("checking the .tflite")
+        return real_stepper(*args)
 
     monkeypatch.setattr(tflite, "_launch", launch)
     monkeypatch.setattr(pte, "build", build)
     monkeypatch.setattr(tflite._Running, "finish", finish)
+    monkeypatch.setattr(tflite, "lm_stepper", stepper)
     target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
     summary = export(target, model, tmp_path / "dist")
     assert summary.ok, [(r.record["name"], r.record.get("error")) for r in summary.results]
+    assert [r.record["name"] for r in summary.results] == ["xnnpack-fp32", "litert-fp32"]  # the target's order
     assert [r.record["parity"]["metrics"]["greedy_match"] for r in summary.results] == [1.0, 1.0]
-    assert events == ["litert started", ".pte built", "litert written, waiting", "told to go, source weights parked"]
+    assert events == ["litert started", ("told to go", "parked", "waiting", True), "checking the .tflite",
+                      ".pte built"]
     assert all(p.numel() > 0 for p in model.language.causal_lm.parameters())  # back after the build
     assert (summary.folder / "litert-fp32.litertlm").is_file()
     assert not list(summary.folder.glob(".staging-*")) and not tflite._started  # collected, nothing left behind
     again = export(target, model, tmp_path / "dist")  # unchanged: nothing is started ahead
     assert again.ok and len(events) == 4
+
+
+def test_a_failing_build_stops_the_artifact_checked_beside_it(tiny_lms: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .pte's build fails (an interrupt, a full disk) while the .tflite is checked beside it: the check
+    stops at its next step, litert-torch's child is stopped, and the failure is what the export raises."""
+    import threading
+
+    from exporter import heap
+    from exporter.formats import pte, tflite
+
+    class Interrupted(Exception):
+        pass
+
+    real_stepper = tflite.lm_stepper
+    checking = threading.Event()
+
+    def stepper(*args):
+        checking.set()
+        return real_stepper(*args)
+
+    def build(*args):
+        heap.float_copy_released()  # quantised, as far as the .tflite beside it can tell
+        assert checking.wait(600), "the .tflite was not checked beside the .pte's build"
+        raise Interrupted()
+
+    monkeypatch.setattr(pte, "_build_xnnpack_decoder", lambda *args: build())
+    monkeypatch.setattr(tflite, "lm_stepper", stepper)
+    model = load_model(str(tiny_lms["llama"]), SourceOptions(context_len=128))
+    target = load_target_file(write_target(tmp_path, "float", FLOAT_BOTH))
+    with pytest.raises(Interrupted):
+        export(target, model, tmp_path / "dist")
+    assert not [t for t in threading.enumerate() if t.name.startswith("beside-")]
+    assert not tflite._started and not (tmp_path / "dist" / "float" / model.name / "manifest.json").exists()
+    assert all(p.numel() > 0 for p in model.language.causal_lm.parameters())
 
 
 def _memory_gib(pid: int) -> dict[str, float]:

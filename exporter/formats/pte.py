@@ -19,7 +19,7 @@ from ..errors import ConversionError
 from ..quant import SCHEMES, LayerDecision, confirm, library_config, linears_not_called, plan_layers
 from ..sources import LoadedModel
 from ..targets import ArtifactSpec
-from ..heap import return_freed_memory
+from ..heap import float_copy_released, return_freed_memory
 from ..weights_on_disk import own_memory
 from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table, xnnpack_shapes
 from .xnnpack_linears import retrace_friendly
@@ -391,6 +391,7 @@ def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec:
                                            + (", unsmoothed by one multiply" if unsmooth is not None else "")))
     own_memory(decoder)  # quantised: the fp32 source's mapping can go before the lowering's peak
     return_freed_memory()
+    float_copy_released()
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.tensor([0]))
     seq = torch.export.Dim("seq_len", min=1, max=language.max_context - 1)
     try:

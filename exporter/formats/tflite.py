@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -477,6 +478,19 @@ def start_decoder(model: LoadedModel, spec: ArtifactSpec, folder: Path) -> None:
     if (model.fingerprint, spec.filename) not in _started:
         work = Path(tempfile.mkdtemp(prefix=".staging-litert-", dir=folder))  # removed by the next run if killed
         _started[(model.fingerprint, spec.filename)] = _launch(model, spec, work)
+
+
+def started_ahead(model: LoadedModel, spec: ArtifactSpec) -> bool:
+    """Whether start_decoder started this artifact's export, not yet collected."""
+    return (model.fingerprint, spec.filename) in _started
+
+
+def wait_until_converted(model: LoadedModel, spec: ArtifactSpec) -> None:
+    """Until the export started ahead has written its float model and waits (or has ended): quantising
+    and checking it can start from then on."""
+    running = _started.get((model.fingerprint, spec.filename))
+    while running is not None and not running.waiting and running.process.poll() is None:
+        time.sleep(0.5)
 
 
 def cancel_started() -> None:
