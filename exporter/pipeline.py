@@ -194,8 +194,8 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
     float working copy: a .pte's lowering runs on one core, and the .tflite's quantising and parity check
     fill the other (docs/measurements.md "Export cost against model size")."""
     tflite = format_module("tflite")
-    ahead = [plan for plan in plans if plan.builds and plan.spec.format.value == "tflite"
-             and tflite.started_ahead(model, plan.spec)]
+    ahead = {plan.spec.name for plan in plans if plan.builds and plan.spec.format.value == "tflite"
+             and tflite.started_ahead(model, plan.spec)}
     done: dict[str, ArtifactResult] = {}
     failures: list[BaseException] = []
 
@@ -204,20 +204,19 @@ def _build_all(model: LoadedModel, program: torch.export.ExportedProgram | None,
             tflite.wait_until_converted(model, plan.spec)
             FLOAT_COPY_RELEASED.wait()
             if not _STOPPING.is_set():
-                done[plan.spec.name] = _build_one(model, program, plan.spec, folder, golden, plan.key, progress,
-                                                  on_runtimes)
+                done[plan.spec.name] = _build_or_reuse(model, program, plan, folder, golden, progress, on_runtimes)
         except BaseException as exc:  # handed to the main thread, which raises it
             failures.append(exc)
 
     _STOPPING.clear()
     FLOAT_COPY_RELEASED.clear()
     beside = [threading.Thread(target=finish_beside, args=(plan,), name=f"beside-{plan.spec.name}", daemon=True)
-              for plan in ahead]
+              for plan in plans if plan.spec.name in ahead]
     for thread in beside:
         thread.start()
     try:
         for plan in plans:
-            if plan in ahead:
+            if plan.spec.name in ahead:
                 continue
             if plan.builds and program is None and model.kind == "tensor":
                 with progress.stage(f"tracing {model.name} with torch.export (shared by every artifact)"):

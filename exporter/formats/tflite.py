@@ -435,7 +435,11 @@ class _Running:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-_started: dict[tuple[str, str], _Running] = {}  # exports started ahead of their build, by (model, artifact file)
+_started: dict[tuple[str, str], _Running] = {}  # exports started ahead of their build, by _key
+
+
+def _key(model: LoadedModel, spec: ArtifactSpec) -> tuple[str, str]:
+    return model.fingerprint, spec.filename
 
 
 def _launch(model: LoadedModel, spec: ArtifactSpec, work: Path) -> _Running:
@@ -475,20 +479,20 @@ def start_decoder(model: LoadedModel, spec: ArtifactSpec, folder: Path) -> None:
         _recipe(spec)
     except ConversionError:
         return  # build_decoder reports it as this artifact's error; the others still build
-    if (model.fingerprint, spec.filename) not in _started:
+    if _key(model, spec) not in _started:
         work = Path(tempfile.mkdtemp(prefix=".staging-litert-", dir=folder))  # removed by the next run if killed
-        _started[(model.fingerprint, spec.filename)] = _launch(model, spec, work)
+        _started[_key(model, spec)] = _launch(model, spec, work)
 
 
 def started_ahead(model: LoadedModel, spec: ArtifactSpec) -> bool:
     """Whether start_decoder started this artifact's export, not yet collected."""
-    return (model.fingerprint, spec.filename) in _started
+    return _key(model, spec) in _started
 
 
 def wait_until_converted(model: LoadedModel, spec: ArtifactSpec) -> None:
     """Until the export started ahead has written its float model and waits (or has ended): quantising
     and checking it can start from then on."""
-    running = _started.get((model.fingerprint, spec.filename))
+    running = _started.get(_key(model, spec))
     while running is not None and not running.waiting and running.process.poll() is None:
         time.sleep(0.5)
 
@@ -509,7 +513,7 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
         raise ConversionError(spec.filename, refusal)
     recipe = _recipe(spec)
     language = model.language
-    running = _started.pop((model.fingerprint, spec.filename), None)
+    running = _started.pop(_key(model, spec), None)
     if running is None:
         running = _launch(model, spec, Path(tempfile.mkdtemp(prefix="litert-", dir=destination.parent)))
     code, stderr = running.finish()  # the export keeps the source weights parked while the child peaks
