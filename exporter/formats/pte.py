@@ -21,7 +21,7 @@ from ..sources import LoadedModel
 from ..targets import ArtifactSpec
 from ..heap import float_copy_released, return_freed_memory
 from ..weights_on_disk import own_memory
-from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table, xnnpack_shapes
+from . import Built, Runner, Signature, TensorSpec, carried_linears, tied_table, xnnpack_passes, xnnpack_shapes
 from .xnnpack_linears import retrace_friendly
 
 # "aten.erfinv.default", "aten::erfinv", "mylib::op": how ExecuTorch names ops in its errors.
@@ -91,10 +91,11 @@ def lower(
 
     try:
         passes = [tied_table.delegate_tagging(program, shared_table)] if shared_table is not None else []
-        edge = to_edge_transform_and_lower(
-            program, partitioner=partitioners(spec), transform_passes=passes,
-            compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
-        )
+        with xnnpack_passes.only_passes_with_work() if spec.backend == "xnnpack" else contextlib.nullcontext():
+            edge = to_edge_transform_and_lower(
+                program, partitioner=partitioners(spec), transform_passes=passes,
+                compile_config=EdgeCompileConfig(_check_ir_validity=check_ir_validity), **to_edge,
+            )
         release_lowering_leftovers()  # before to_executorch, which has its own peak
         details = delegation(edge)
         if shared_table is not None and not tied_table.tag_program_copies(edge, shared_table):
