@@ -49,8 +49,15 @@ def activation_maxima(model: nn.Module, tokenizer: Any) -> dict[str, torch.Tenso
     return maxima
 
 
+def _column_maxima(weight: torch.Tensor, rows_at_once: int = 8192) -> torch.Tensor:
+    """max |w| of each input column, a block of rows at a time: abs() of a whole lm_head would be a second
+    copy of it for a moment (1.05 GB at Llama-3.2-1B's shape)."""
+    return torch.stack([weight[start:start + rows_at_once].abs().amax(0)
+                        for start in range(0, weight.shape[0], rows_at_once)]).amax(0)
+
+
 def _scales(act_max: torch.Tensor, consumers: list[nn.Linear], alpha: float) -> torch.Tensor:
-    weight_max = torch.stack([c.weight.detach().abs().amax(0) for c in consumers]).amax(0)
+    weight_max = torch.stack([_column_maxima(c.weight.detach()) for c in consumers]).amax(0)
     return (act_max.clamp(min=1e-5) ** alpha / weight_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
 
 

@@ -78,3 +78,13 @@ def test_calibration_is_measured_once_per_model_and_smooths_every_copy_alike(tmp
     assert smooth(second, language.tokenizer, 0.5, maxima=shared) == smooth(alone, language.tokenizer, 0.5)
     for (name, mine), (_, own) in zip(second.named_parameters(), alone.named_parameters()):
         assert torch.equal(mine, own), name
+
+
+def test_column_maxima_taken_in_blocks_of_rows_are_the_whole_weight_s() -> None:
+    import torch
+
+    from exporter.smoothing import _column_maxima
+
+    weight = torch.randn(10, 6)
+    for rows_at_once in (1, 3, 10, 64):
+        assert torch.equal(_column_maxima(weight, rows_at_once), weight.abs().amax(0))

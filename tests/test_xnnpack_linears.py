@@ -102,3 +102,26 @@ def test_a_lowering_leaves_none_of_its_graphs_alive(tmp_path: Path) -> None:
     gc.collect()
     left = [len(g.nodes) for g in gc.get_objects() if isinstance(g, torch.fx.Graph) and id(g) not in known]
     assert left == [], f"graphs of the lowering still alive (nodes each): {left}"
+
+
+@pytest.mark.parametrize(("quant", "group"), [("int8-dynamic", ""), ("8da4w", "group_size = 32")])
+def test_a_large_weight_quantised_in_row_blocks_is_the_weight_torchao_makes_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str, group: str
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 320), torch.nn.Linear(320, 8))  # 320 rows: blocks 128, 128, 64
+    spec = _spec(tmp_path, quant, group)
+    whole, _ = pte.quantise(model, spec)
+    blocks = []
+    monkeypatch.setattr(pte, "ROW_BLOCK_ELEMENTS", 64 * 128)
+    original = pte._quantise_in_row_blocks
+    monkeypatch.setattr(pte, "_quantise_in_row_blocks", lambda layer, config: (blocks.append(layer), original(layer, config)))
+    in_blocks, plan = pte.quantise(model, spec)
+    assert blocks == [in_blocks[0]] and all(d.quantised for d in plan)  # only the large one, in blocks
+    for joined, made_whole in zip(in_blocks, whole):
+        assert type(joined.weight) is type(made_whole.weight) and joined.weight.shape == made_whole.weight.shape
+        for name in made_whole.weight.tensor_data_names:
+            torch.testing.assert_close(getattr(joined.weight, name), getattr(made_whole.weight, name), rtol=0, atol=0)
+    assert retrace_friendly(in_blocks) == 2
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(in_blocks(x), whole(x), rtol=0, atol=0)

@@ -45,12 +45,55 @@ def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = Fa
 
     module = source if in_place else copy.deepcopy(source)
     chosen = {d.name for d in plan if d.quantised}
-    quantize_(module, library_config("pte", spec.quant, spec.group_size),
-              filter_fn=lambda layer, fqn: fqn in chosen)
+    config = library_config("pte", spec.quant, spec.group_size)
+    large = {name for name in chosen if module.get_submodule(name).weight.numel() > ROW_BLOCK_ELEMENTS}
+    quantize_(module, config, filter_fn=lambda layer, fqn: fqn in chosen - large)
+    for name in large:
+        _quantise_in_row_blocks(module.get_submodule(name), config)
     # torchao swaps a quantised weight for a tensor subclass; a plain tensor means it passed the layer over.
     found = {d.name: "" for d in plan if d.quantised
              and type(module.get_submodule(d.name).weight) not in (torch.Tensor, torch.nn.Parameter)}
     return module, confirm(plan, found, "torchao left this layer float")
+
+
+# torchao holds about three float temporaries the size of a weight while it quantises it: for the lm_head of
+# Llama-3.2-1B (128,256 x 2,048, 1.05 GB in fp32) a 3 GB moment, the export's memory peak. A weight larger
+# than this many elements is quantised in blocks of rows.
+ROW_BLOCK_ELEMENTS = 1 << 24
+
+
+def _quantise_in_row_blocks(layer: torch.nn.Linear, config: Any) -> None:
+    """torchao's quantisation of ``layer`` one block of rows at a time, the blocks joined into one weight.
+    Rows are quantised independently (a scale per row, or per group along it), so the joined weight is
+    the one torchao makes of the whole; a weight type that cannot be joined that way is quantised whole."""
+    from torchao.quantization import quantize_
+
+    weight = layer.weight.detach()
+    rows, cols = weight.shape
+    step = max(1, ROW_BLOCK_ELEMENTS // cols)
+    pieces = []
+    for start in range(0, rows, step):
+        piece = torch.nn.Linear(cols, min(step, rows - start), bias=False)
+        piece.weight = torch.nn.Parameter(weight[start:start + step], requires_grad=False)
+        quantize_(piece, config)
+        quantised = piece.weight
+        if not _joins_by_rows(quantised):
+            quantize_(layer, config)
+            return
+        pieces.append(quantised)
+    first = pieces[0]
+    data = [torch.cat([getattr(p, name) for p in pieces]) for name in first.tensor_data_names]
+    joined = type(first)(*data, *(getattr(first, name) for name in first.tensor_attribute_names))
+    layer.weight = torch.nn.Parameter(joined, requires_grad=False)
+
+
+def _joins_by_rows(weight: torch.Tensor) -> bool:
+    """A torchao weight whose data tensors all run along the rows, one entry or more per row."""
+    names = getattr(weight, "tensor_data_names", None)
+    block = getattr(weight, "block_size", None)
+    optional = [*getattr(weight, "optional_tensor_data_names", []), *getattr(weight, "optional_tensor_attribute_names", [])]
+    return (bool(names) and not optional and block is not None and block[0] == 1
+            and all(getattr(weight, name).shape[0] == weight.shape[0] for name in names))
 
 
 def partitioners(spec: ArtifactSpec) -> list[Any]:

@@ -5,7 +5,7 @@ partition through FakeTensors whatever they found. Many rewrite ops a language m
 hold (convolutions, batch norms, PReLU, max pooling, bilinear upsampling, attention in decomposed form).
 Here a pass is skipped when none of the ops it rewrites is in the partition at its turn (an earlier pass
 may bring some in), and the lowered program is byte for byte the same: the default model's .pte builds in
-about a sixth less time (docs/measurements.md "Build time of the .pte").
+a quarter less time (docs/measurements.md "Build time of the .pte").
 """
 
 from __future__ import annotations
