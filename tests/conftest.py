@@ -70,6 +70,20 @@ def write_target(folder: Path, name: str, body: str) -> Path:
     return path
 
 
+def pte_spec(folder: Path, quant: str, group: str = "") -> Any:
+    """One .pte artifact with the given scheme (``group``: a ``group_size = N`` line, or nothing)."""
+    from exporter.targets import load_target_file
+
+    return load_target_file(write_target(folder, quant, f"""
+[[artifact]]
+format = "pte"
+quant = "{quant}"
+{group}
+[artifact.parity]
+min_cosine = 0.9
+""")).artifacts[0]
+
+
 WORDS = ("the quick brown fox jumps over lazy dog edge devices run small models close to data how far is moon "
          "from earth i loved this film acting was wonderful service slow and food arrived cold quantised weights "
          "make model four times smaller paris capital largest city of france please turn off lights when you "

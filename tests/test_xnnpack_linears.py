@@ -11,21 +11,8 @@ import torch
 
 from exporter.formats import pte
 from exporter.formats.xnnpack_linears import DynamicQuantLinear, retrace_friendly
-from exporter.targets import load_target_file
-from tests.conftest import write_target
+from tests.conftest import pte_spec
 from tests.models import build_mlp
-
-
-def _spec(folder: Path, quant: str, group: str = ""):
-    target = load_target_file(write_target(folder, quant, f"""
-[[artifact]]
-format = "pte"
-quant = "{quant}"
-{group}
-[artifact.parity]
-min_cosine = 0.9
-"""))
-    return target.artifacts[0]
 
 
 def _graph_ops(program: torch.export.ExportedProgram) -> set[str]:
@@ -37,7 +24,7 @@ def test_swapped_program_computes_exactly_what_torchao_s_program_computes(
     tmp_path: Path, quant: str, group: str, swapped: int
 ) -> None:
     model, inputs = build_mlp()
-    spec = _spec(tmp_path, quant, group)
+    spec = pte_spec(tmp_path, quant, group)
     quantised, plan = pte.quantise(model.eval(), spec)
     programs = {"torchao": torch.export.export(quantised, inputs, strict=False)}
     # int8 per channel takes every width; 4-bit groups of 32 leave the 10-wide layer float
@@ -68,7 +55,7 @@ def test_float_linears_are_left_as_they_are() -> None:
 @pytest.mark.parametrize(("quant", "group"), [("int8-dynamic", ""), ("8da4w", "group_size = 32")])
 def test_eager_forward_matches_torchao_s_eager_forward(tmp_path: Path, quant: str, group: str) -> None:
     model, inputs = build_mlp()
-    quantised, _ = pte.quantise(model.eval(), _spec(tmp_path, quant, group))
+    quantised, _ = pte.quantise(model.eval(), pte_spec(tmp_path, quant, group))
     expected = quantised(*inputs)
     retrace_friendly(quantised)
     torch.testing.assert_close(quantised(*inputs), expected, rtol=1e-5, atol=1e-5)
@@ -91,7 +78,7 @@ def test_a_lowering_leaves_none_of_its_graphs_alive(tmp_path: Path) -> None:
     """ExecuTorch's partitioner caches and loggers keep the last lowering's graphs (with their fake tensors)
     reachable from module globals: 0.2 GiB the default model's export carried into the .tflite build."""
     model, inputs = build_mlp()
-    spec = _spec(tmp_path, "int8-dynamic")
+    spec = pte_spec(tmp_path, "int8-dynamic")
     quantised, _ = pte.quantise(model.eval(), spec)
     retrace_friendly(quantised)
     pte.lower(torch.export.export(quantised, inputs, strict=False), spec, tmp_path / "warm.pte")  # lazy pattern graphs
@@ -110,7 +97,7 @@ def test_a_large_weight_quantised_in_row_blocks_is_the_weight_torchao_makes_whol
 ) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 320), torch.nn.Linear(320, 8))  # 320 rows: blocks 128, 128, 64
-    spec = _spec(tmp_path, quant, group)
+    spec = pte_spec(tmp_path, quant, group)
     whole, _ = pte.quantise(model, spec)
     blocks = []
     monkeypatch.setattr(pte, "ROW_BLOCK_ELEMENTS", 64 * 128)

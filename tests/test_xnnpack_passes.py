@@ -8,21 +8,8 @@ import pytest
 import torch
 
 from exporter.formats import pte, xnnpack_passes
-from exporter.targets import load_target_file
-from tests.conftest import write_target
+from tests.conftest import pte_spec
 from tests.models import build_depthwise_cnn, build_mlp
-
-
-def _spec(folder: Path, quant: str, group: str = ""):
-    target = load_target_file(write_target(folder, quant, f"""
-[[artifact]]
-format = "pte"
-quant = "{quant}"
-{group}
-[artifact.parity]
-min_cosine = 0.9
-"""))
-    return target.artifacts[0]
 
 
 def _as_executorch_lowers_it(program: torch.export.ExportedProgram, spec) -> bytes:
@@ -41,7 +28,7 @@ def test_skipping_the_passes_with_nothing_to_rewrite_lowers_the_same_program(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, build, quant: str, group: str, must_run: set[str]
 ) -> None:
     model, inputs = build()
-    spec = _spec(tmp_path, quant, group)
+    spec = pte_spec(tmp_path, quant, group)
     quantised, _ = pte.quantise(model.eval(), spec)
     program = torch.export.export(quantised, inputs, strict=False)
     expected = _as_executorch_lowers_it(program, spec)

@@ -47,7 +47,8 @@ def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = Fa
     chosen = {d.name for d in plan if d.quantised}
     config = library_config("pte", spec.quant, spec.group_size)
     large = {name for name in chosen if module.get_submodule(name).weight.numel() > ROW_BLOCK_ELEMENTS}
-    quantize_(module, config, filter_fn=lambda layer, fqn: fqn in chosen - large)
+    whole = chosen - large
+    quantize_(module, config, filter_fn=lambda layer, fqn: fqn in whole)
     for name in large:
         _quantise_in_row_blocks(module.get_submodule(name), config)
     # torchao swaps a quantised weight for a tensor subclass; a plain tensor means it passed the layer over.

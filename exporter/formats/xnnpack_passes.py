@@ -54,6 +54,7 @@ def has_work(pass_: type, graph: Any) -> bool:
     return needs is None or not needs.isdisjoint(ops_in(graph))
 
 
+@cache
 def _manager_with_work_only() -> type:
     from executorch.backends.xnnpack._passes import XNNPACKPassManager, XNNPACKPass
     from executorch.exir.program._program import _transform
