@@ -47,13 +47,14 @@ def _worker(engine: str, folder: Path, artifact: str | None) -> dict[str, Any]:
         return _llama_cpp(folder)
 
     from .sources import SourceOptions, load_model
+    from .sources.precision import upcast
 
     data = manifest.require(folder)
     began = time.perf_counter()
     if engine == "eager":
         source = data["model"]["source"]
         language = load_model(source["path"], SourceOptions(context_len=source.get("context_len"))).language
-        step = _EagerCached(language.causal_lm)
+        step = _EagerCached(upcast(language.causal_lm))  # fp32, as the export's reference computes
         tokenizer = language.tokenizer
     else:
         from transformers import AutoTokenizer

@@ -108,7 +108,8 @@ def export(
     tools = manifest.toolchain()
 
     if model.language is not None:
-        with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"):
+        with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"), \
+                model.language.computing_in_fp32():
             golden: Golden | lm_parity.Reference | seq2seq_parity.Reference = lm_parity.reference(model.language)
         np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
         bundle = bundle_files(folder, model.language)

@@ -48,7 +48,10 @@ def weight_signature(weight: np.ndarray) -> np.ndarray:
     matrix's top-left corner (a rescaled corner is the corner of the rescaled matrix): reading a 1B
     model's whole lm_head in float64 took 2 GB, the corner takes 2 MB and reads only its own pages.
     """
-    a = np.abs(np.asarray(weight[:_SIGNATURE_CORNER, :_SIGNATURE_CORNER], np.float64)) + 1e-12
+    corner = weight[:_SIGNATURE_CORNER, :_SIGNATURE_CORNER]
+    if isinstance(corner, torch.Tensor):  # a torch weight may be bf16, which numpy has no type for
+        corner = corner.double().numpy()
+    a = np.abs(np.asarray(corner, np.float64)) + 1e-12
     for _ in range(4):
         a /= a.sum(axis=0, keepdims=True)
         a /= a.sum(axis=1, keepdims=True)
@@ -535,11 +538,11 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
 
 
 def _decoder_layer_report(model: LoadedModel, spec: ArtifactSpec, float_path: Path, quantised_path: Path) -> list[LayerDecision]:
-    causal_lm = model.language.working_copy()  # mapped: the signatures read only their corners
+    causal_lm = model.language.working_copy(fp32=False)  # mapped: the signatures read only their corners
     plan = plan_layers(causal_lm, SCHEMES[spec.quant], spec.group_size, spec.skip_layers)
     if SCHEMES[spec.quant].weight_bits is None or not float_path.is_file():
         return plan
-    weights = {name: m.weight.detach().numpy() for name, m in causal_lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    weights = {name: m.weight.detach() for name, m in causal_lm.named_modules() if isinstance(m, torch.nn.Linear)}
     ops = fully_connected_ops(float_path)
     return _confirm(plan, ops, match_layers(ops, weights), quantised_path)
 

@@ -1,7 +1,8 @@
 """Decoder-only causal language models: local HF checkpoint folders and GGUF files.
 
-The loaded model carries a ``Language`` with the fp32 reference model, its tokenizer, chat template
-and generation defaults; formats build their KV-cache programs from it (see ``exporter.llm``).
+The loaded model carries a ``Language`` with the reference model (held in its checkpoint's dtype, computed
+in fp32: ``precision``), its tokenizer, chat template and generation defaults; formats build their KV-cache
+programs from fp32 working copies of it (see ``exporter.llm``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..errors import SourceError
 from ..weights_on_disk import parked
-from . import seq2seq
+from . import precision, seq2seq
 from .base import LoadedModel, SourceOptions, file_sha256, fingerprint
 from .checkpoint import load_weights_checked, model_name, pruning_record, read_config, read_json, weights_fingerprint
 
@@ -38,7 +39,7 @@ GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_
 
 @dataclass
 class Language:
-    causal_lm: nn.Module  # the fp32 reference, never modified
+    causal_lm: nn.Module  # the reference, never modified: fp32, or its checkpoint's bf16/fp16 (computing_in_fp32)
     tokenizer: Any
     max_context: int
     eos_ids: list[int]
@@ -49,10 +50,16 @@ class Language:
     parked_copies: Callable[[], nn.Module] | None = field(default=None, repr=False)  # set while parked
     _calibration: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
-    def working_copy(self) -> nn.Module:
-        """A copy of the reference model for a build to change (smooth, quantise, lower): mapped from disk
-        while the export keeps the reference parked, else a deep copy."""
-        return self.parked_copies() if self.parked_copies else copy.deepcopy(self.causal_lm)
+    def working_copy(self, fp32: bool = True) -> nn.Module:
+        """A copy of the reference model for a build to change (smooth, quantise, lower), in fp32: mapped
+        from disk while the export keeps the reference parked, else a deep copy. ``fp32=False``: the weights
+        as held (16-bit ones stay mapped), for a reader of a few of their values."""
+        twin = self.parked_copies() if self.parked_copies else copy.deepcopy(self.causal_lm)
+        return precision.upcast(twin) if fp32 else twin
+
+    def computing_in_fp32(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The reference model with fp32 weights inside the block (the eager reference's computations)."""
+        return precision.computing_in_fp32(self.causal_lm)
 
     def calibration_maxima(self, float_copy: nn.Module) -> dict[str, torch.Tensor]:
         """Smoothing's activation maxima of the reference model (exporter.smoothing.activation_maxima),
@@ -209,7 +216,8 @@ def load_folder(folder: Path, options: SourceOptions) -> LoadedModel:
         raise SourceError(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json); a language "
                           "model needs one for an app-ready bundle. Save it with tokenizer.save_pretrained(folder)")
     tokenizer = _tokenizer(folder, str(folder))
-    causal_lm = load_weights_checked(AutoModelForCausalLM, folder, dtype=torch.float32)
+    causal_lm = load_weights_checked(AutoModelForCausalLM, folder, dtype=precision.held_dtype(config))
+    precision.fp32_buffers(causal_lm)
     generation_file = folder / "generation_config.json"
     generation = read_json(generation_file) if generation_file.is_file() else {}
     source = {"kind": "hf-folder", "path": str(folder.resolve()), "task": "text-generation",
