@@ -135,6 +135,9 @@ def export(
              for spec in specs]
     # A language model's answers are known now: its weights wait on disk while the builds work on copies.
     parking = model.language is not None and any(plan.builds for plan in plans)
+    if parking and any(plan.builds and plan.spec.smoothing for plan in plans):
+        with progress.stage("calibration pass for smoothing"):
+            model.language.calibration_maxima()  # on the reference, before its weights are parked
     with model.language.reference_parked(folder) if parking else contextlib.nullcontext():
         if parallel and model.language is not None:
             for plan in plans:

@@ -171,15 +171,17 @@ def plan_layers(
     scheme: Scheme,
     group_size: int | None,
     skip_layers: tuple[str, ...] = (),
+    only: frozenset[str] | None = None,
 ) -> list[LayerDecision]:
-    """Decide for every linear layer whether it is quantised, with the reason when it is not.
+    """Decide for every linear layer (``only`` these names, if given) whether it is quantised, with the
+    reason when it is not.
 
     The plan is what every format applies; each format then checks its artifact against it,
     so a layer a backend skipped on its own is reported, never lost silently.
     """
     decisions = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, nn.Linear):
+        if not isinstance(layer, nn.Linear) or (only is not None and name not in only):
             continue
         shape = tuple(layer.weight.shape)
         if scheme.weight_bits is None:

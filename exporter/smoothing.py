@@ -73,39 +73,41 @@ def _block_scales(act_max: torch.Tensor, alpha: float, group: int) -> torch.Tens
 LLAMA_LAYOUT = {"llama", "qwen2", "qwen3", "mistral", "smollm3", "phi3"}
 
 
-def _pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
+def pairs(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     """(producer, consumers) pairs in the Llama family layout; other layouts get none."""
-    pairs: list[tuple[nn.Module, list[nn.Linear]]] = []
+    found: list[tuple[nn.Module, list[nn.Linear]]] = []
     if getattr(getattr(model, "config", None), "model_type", None) not in LLAMA_LAYOUT:
-        return pairs
+        return found
     for layer in getattr(model.base_model, "layers", []):
         attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj")):
-            pairs.append((layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj]))
+            found.append((layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj]))
         if mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            pairs.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
-            pairs.append((mlp.up_proj, [mlp.down_proj]))
+            found.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+            found.append((mlp.up_proj, [mlp.down_proj]))
     head, norm = model.get_output_embeddings(), getattr(model.base_model, "norm", None)
     embedding = model.get_input_embeddings()
     # Only an untied lm_head: rescaling a weight shared with the input embedding would change the lookups.
     if norm is not None and isinstance(head, nn.Linear) and head.weight is not getattr(embedding, "weight", None):
-        pairs.append((norm, [head]))
-    return pairs
+        found.append((norm, [head]))
+    return found
 
 
 def smooth(model: nn.Module, tokenizer: Any, alpha: float = 0.5, carried: dict[nn.Module, Blocks] | None = None,
-           maxima: dict[str, torch.Tensor] | None = None) -> int:
+           maxima: dict[str, torch.Tensor] | None = None,
+           only: list[tuple[nn.Module, list[nn.Linear]]] | None = None) -> int:
     """Smooth ``model`` in place (float-equivalent), and the ``carried`` GGUF blocks of its linears
     with it; returns how many linears were rescaled. ``maxima``: activation_maxima of these weights,
-    measured before (each artifact that smooths a copy of the same model needs the same), else measured here."""
+    measured before (each artifact that smooths a copy of the same model needs the same), else measured here.
+    ``only``: these of its ``pairs`` (a build that smooths and quantises one layer at a time)."""
     carried = carried or {}
-    pairs = _pairs(model)
+    chosen = pairs(model) if only is None else only
     if maxima is None:
         maxima = activation_maxima(model, tokenizer)
     name_of = {layer: name for name, layer in model.named_modules()}
     rescaled = 0
     with torch.no_grad():
-        for producer, consumers in pairs:
+        for producer, consumers in chosen:
             if any(c in carried for c in consumers):
                 s = _block_scales(maxima[name_of[consumers[0]]], alpha, GROUP)
             else:

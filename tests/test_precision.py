@@ -81,3 +81,69 @@ def test_parked_16_bit_weights_take_half_the_bytes_and_copies_come_out_in_fp32(
     ({}, torch.float32), ({"torch_dtype": "float64"}, torch.float32)])
 def test_the_held_dtype_is_the_checkpoints_when_16_bit_else_fp32(config: dict, dtype: torch.dtype) -> None:
     assert held_dtype(config) is dtype
+
+
+class _FloatStageDone(Exception):
+    """Raised where the .pte build lets go of the source mapping: its float stage is over."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        self.decoder = decoder
+
+
+def _float_stage(monkeypatch: pytest.MonkeyPatch, model, spec) -> tuple[torch.nn.Module, list[dict[str, torch.dtype]]]:
+    """The decoder as the .pte build leaves it before torch.export, and at each layer's quantisation the
+    dtype of every linear weight still float."""
+    from exporter.formats import pte
+
+    def stop(decoder: torch.nn.Module) -> None:
+        raise _FloatStageDone(decoder)
+
+    seen: list[dict[str, torch.dtype]] = []
+    quantise = pte.quantise
+
+    def watch(source: torch.nn.Module, *args, **kwargs):
+        seen.append({name: m.weight.dtype for name, m in source.named_modules()
+                     if isinstance(m, torch.nn.Linear) and type(m.weight) in (torch.Tensor, torch.nn.Parameter)})
+        return quantise(source, *args, **kwargs)
+
+    monkeypatch.setattr(pte, "own_memory", stop)
+    monkeypatch.setattr(pte, "quantise", watch)
+    with pytest.raises(_FloatStageDone) as done:
+        pte._build_xnnpack_decoder(model, model.language.working_copy(fp32=False), spec, Path("unused.pte"))
+    return done.value.decoder, seen
+
+
+def _values(decoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight as plain numbers: a torchao weight by its data tensors."""
+    values = {}
+    for name, tensor in decoder.state_dict().items():
+        for part in getattr(tensor, "tensor_data_names", None) or [None]:
+            values[f"{name}.{part}" if part else name] = getattr(tensor, part) if part else tensor
+    return values
+
+
+def test_the_pte_build_makes_one_layer_fp32_at_a_time_and_gets_what_the_whole_model_at_once_gets(
+        tmp_path: Path, smollm2_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 source's layers are upcast, smoothed and quantised one by one: when the first layer is
+    quantised the second is still bf16, and the weights come out as from the whole model made fp32,
+    smoothed and quantised at once."""
+    from exporter.formats import pte
+    from exporter.targets import load_target
+
+    made = make_tiny_lm(tmp_path / "fp32", "llama", smollm2_tokenizer_folder, num_hidden_layers=3)
+    model = load_model(str(_sixteen_bit_copy(made, torch.bfloat16, tmp_path / "bf16")), SourceOptions(context_len=64))
+    spec = next(s for s in load_target("android").artifacts if s.format.value == "pte")  # smoothing, tied table
+
+    by_layer, seen = _float_stage(monkeypatch, model, spec)
+    first = [name for name in seen[0] if ".layers.0." in name]
+    assert first and all(seen[0][name] == torch.float32 for name in first)
+    assert {dtype for name, dtype in seen[0].items() if ".layers.0." not in name} == {torch.bfloat16}
+
+    monkeypatch.setattr(pte, "_by_layer", lambda decoder: [(decoder.inner, frozenset(
+        name for name, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)))])
+    at_once, seen_once = _float_stage(monkeypatch, model, spec)
+    assert {dtype for dtype in seen_once[0].values()} == {torch.float32}  # the comparison is with the whole at once
+    got, want = _values(by_layer), _values(at_once)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

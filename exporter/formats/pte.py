@@ -29,12 +29,14 @@ _OP_PATTERN = re.compile(r"\baten(?:::|\.)\w+(?:\.\w+)?|\b[a-z_][a-z0-9_]*::\w+"
 
 
 def quantise(source: torch.nn.Module, spec: ArtifactSpec, *, in_place: bool = False,
-             sample_inputs: tuple[Any, ...] | None = None) -> tuple[torch.nn.Module, list[LayerDecision]]:
-    """Apply the target's scheme with torchao to a copy of the module, following the layer plan. With
-    ``sample_inputs``, a linear the forward never calls keeps its float weight: torchao's quantised weight
-    serves only the linear's own call, and the graph reading the weight directly would not export."""
+             sample_inputs: tuple[Any, ...] | None = None,
+             only: frozenset[str] | None = None) -> tuple[torch.nn.Module, list[LayerDecision]]:
+    """Apply the target's scheme with torchao to a copy of the module, following the layer plan (of the
+    linears named in ``only``, if given). With ``sample_inputs``, a linear the forward never calls keeps
+    its float weight: torchao's quantised weight serves only the linear's own call, and the graph reading
+    the weight directly would not export."""
     scheme = SCHEMES[spec.quant]
-    plan = plan_layers(source, scheme, spec.group_size, spec.skip_layers)
+    plan = plan_layers(source, scheme, spec.group_size, spec.skip_layers, only)
     if scheme.weight_bits is None:
         return source, plan
     if sample_inputs is not None:
@@ -345,22 +347,29 @@ def _with_scheme(spec: ArtifactSpec, quant: str, skip: list[str]) -> ArtifactSpe
 
 
 def _quantise_linears(decoder: torch.nn.Module, spec: ArtifactSpec, carried: dict[str, Any],
-                      language: Any) -> list[LayerDecision]:
-    """Carried GGUF blocks as they are, the lm_head with lm_head_quant, every other linear with
-    requantise (or quant): one decision per linear, in model order."""
+                      only: frozenset[str]) -> dict[str, LayerDecision]:
+    """The linears named in ``only``: the lm_head with lm_head_quant, every other linear with requantise
+    (or quant) but those with carried GGUF blocks, which carried_linears.carry quantises after."""
     head = next(n for n, m in decoder.named_modules() if m is decoder.inner.get_output_embeddings())
-    carried = {f"inner.{name}": blocks for name, blocks in carried.items()}
-    set_apart = [re.escape(n) for n in carried] + ([re.escape(head)] if spec.lm_head_quant else [])
-    _, decisions = quantise(decoder, _with_scheme(spec, spec.requantise or spec.quant, set_apart), in_place=True)
+    set_apart = [re.escape(f"inner.{n}") for n in carried] + ([re.escape(head)] if spec.lm_head_quant else [])
+    _, decisions = quantise(decoder, _with_scheme(spec, spec.requantise or spec.quant, set_apart), in_place=True,
+                            only=only)
     by_name = {d.name: d for d in decisions}
-    if spec.lm_head_quant:
+    if spec.lm_head_quant and head in only:
         _, head_plan = quantise(decoder, _with_scheme(spec, spec.lm_head_quant, [f"(?!{re.escape(head)}$).*"]),
-                                in_place=True)
-        by_name[head] = next(d for d in head_plan if d.name == head)
-    if carried:
-        for name, why in carried_linears.carry(decoder, carried, calibration_run(decoder, language)).items():
-            by_name[name] = replace(by_name[name], quantised=True, reason=why)
-    return [by_name[d.name] for d in decisions]
+                                in_place=True, only=frozenset({head}))
+        by_name[head] = head_plan[0]
+    return by_name
+
+
+def _by_layer(decoder: torch.nn.Module) -> list[tuple[torch.nn.Module, frozenset[str]]]:
+    """The decoder's stack of layers one by one, then the model around them (embedding, final norm,
+    lm_head): each with the names of its linears. A model without one stack is one part."""
+    causal_lm = decoder.inner
+    stack = next((m for m in causal_lm.base_model.children() if isinstance(m, torch.nn.ModuleList)), [])
+    linears = {m: n for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    parts = [(layer, frozenset(linears.pop(m) for m in layer.modules() if m in linears)) for layer in stack]
+    return [*parts, (causal_lm, frozenset(linears.values()))]
 
 
 def calibration_run(decoder: Any, language: Any) -> Any:
@@ -390,37 +399,59 @@ def build_decoder(model: LoadedModel, spec: ArtifactSpec, destination: Path) -> 
     4-bit blocks carried over exactly where the scheme matches them."""
     if spec.backend == "coreml":
         return _build_coreml_decoder(model, spec, destination)
-    return _build_xnnpack_decoder(model, model.language.working_copy(), spec, destination)
+    return _build_xnnpack_decoder(model, model.language.working_copy(fp32=False), spec, destination)
 
 
 def _build_xnnpack_decoder(model: LoadedModel, causal_lm: torch.nn.Module, spec: ArtifactSpec,
                            destination: Path) -> Built:
+    """``causal_lm``: a working copy with its weights as held (fp32, or the checkpoint's bf16/fp16 mapped
+    from the parked file). Each layer is made fp32, smoothed and quantised before the next is touched, so
+    the fp32 model never exists whole (4.9 GB for a 1.2B model); the result is the same as for the whole
+    model at once, since smoothing and quantisation change each layer's weights alone."""
     from .. import llm
+    from ..smoothing import pairs, smooth
+    from ..sources.precision import upcast
 
     language = model.language
     carried = _carried_blocks(model, causal_lm, spec)
     layers: list[LayerDecision] = []
     details_extra: dict[str, Any] = {"carried_gguf_blocks": len(carried)}
     share_table = spec.embedding_quant == "tied" and tied_table.is_tied(causal_lm)  # targets: xnnpack only
-    if spec.smoothing:  # first: its calibration pass runs the float model, before any int8 lookup exists
-        from ..smoothing import smooth
-
-        if causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
-            head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
-            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        by_module = {causal_lm.get_submodule(name): blocks for name, blocks in carried.items()}
-        rescaled = smooth(causal_lm, language.tokenizer, spec.smoothing, by_module, language.calibration_maxima(causal_lm))
-        details_extra["smoothing"] = {"alpha": spec.smoothing, "rescaled_linears": rescaled}
-    # A shared table is tied after the lm_head is quantised (it reads the head's int8 rows); 1/s undoes the
-    # smoothing the head's columns took, measured now while both are float.
-    unsmooth = (tied_table.unsmoothing(causal_lm.get_input_embeddings().weight,
-                                       causal_lm.get_output_embeddings().weight) if share_table else None)
-    causal_lm.config.tie_word_embeddings = False  # the lm_head keeps its own weight, quantised with the linears
-    if spec.embedding_quant and not share_table:
-        _quantise_embedding(causal_lm, layers, "" if spec.embedding_quant == "int8" else
-                            "; not tied to the lm_head in this model, so it keeps its own table")
+    if spec.smoothing and causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight:
+        head = causal_lm.get_output_embeddings()  # untie so the lm_head can be smoothed on its own
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    to_smooth = pairs(causal_lm) if spec.smoothing else []
+    by_module = {causal_lm.get_submodule(name): blocks for name, blocks in carried.items()}
     decoder = llm.ExportableDecoder(causal_lm, language.max_context).eval()
-    layers += _quantise_linears(decoder, spec, carried, language)
+    order = [n for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)]  # before carry adds its own
+    decisions: dict[str, LayerDecision] = {}
+    rescaled, unsmooth = 0, None
+    for part, linears in _by_layer(decoder):
+        upcast(part)
+        inside = set(part.modules())
+        mine = [pair for pair in to_smooth if pair[0] in inside]
+        to_smooth = [pair for pair in to_smooth if pair[0] not in inside]
+        if spec.smoothing:  # before any int8 lookup exists; the calibration ran on the float reference
+            rescaled += smooth(causal_lm, language.tokenizer, spec.smoothing, by_module, language.calibration_maxima(),
+                               only=mine)
+        if part is causal_lm:  # the last part: embedding, final norm and lm_head
+            # A shared table is tied after the lm_head is quantised (it reads the head's int8 rows); 1/s undoes
+            # the smoothing the head's columns took, measured now while both are float.
+            unsmooth = (tied_table.unsmoothing(causal_lm.get_input_embeddings().weight,
+                                               causal_lm.get_output_embeddings().weight) if share_table else None)
+            causal_lm.config.tie_word_embeddings = False  # the lm_head keeps its own weight, quantised with the linears
+            if spec.embedding_quant and not share_table:
+                _quantise_embedding(causal_lm, layers, "" if spec.embedding_quant == "int8" else
+                                    "; not tied to the lm_head in this model, so it keeps its own table")
+        decisions.update(_quantise_linears(decoder, spec, carried, linears))
+    if spec.smoothing:
+        details_extra["smoothing"] = {"alpha": spec.smoothing, "rescaled_linears": rescaled}
+    if carried:
+        found = carried_linears.carry(decoder, {f"inner.{name}": b for name, b in carried.items()},
+                                      calibration_run(decoder, language))
+        for name, why in found.items():
+            decisions[name] = replace(decisions[name], quantised=True, reason=why)
+    layers += [decisions[name] for name in order]
     if spec.backend == "xnnpack":
         retrace_friendly(decoder)
     table = None

@@ -360,7 +360,7 @@ def _write_fp32_weights(model: LoadedModel, smoothing: float | None, folder: Pat
     if smoothing:
         from ..smoothing import smooth
 
-        maxima = model.language.calibration_maxima(causal_lm)
+        maxima = model.language.calibration_maxima()
         smooth(causal_lm, model.language.tokenizer, smoothing, maxima=maxima)  # a tied lm_head stays tied (unsmoothed)
     conv1d_from_linears(causal_lm)  # GPT-2's checkpoints keep its projections transposed, as Conv1D
     save_model(causal_lm, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -61,14 +61,19 @@ class Language:
         """The reference model with fp32 weights inside the block (the eager reference's computations)."""
         return precision.computing_in_fp32(self.causal_lm)
 
-    def calibration_maxima(self, float_copy: nn.Module) -> dict[str, torch.Tensor]:
+    def calibration_maxima(self) -> dict[str, torch.Tensor]:
         """Smoothing's activation maxima of the reference model (exporter.smoothing.activation_maxima),
-        measured once on ``float_copy`` (a working copy not yet changed) and shared by every artifact that
-        smooths: a forward pass over the calibration text, 11 s for a 1.2B model."""
+        measured once and shared by every artifact that smooths: a forward pass over the calibration text,
+        11 s for a 1.2B model. The export measures them beside its eager reference, while the weights are
+        in fp32 anyway; measured later (the reference parked), they take an fp32 working copy for the pass."""
         if self._calibration is None:
             from ..smoothing import activation_maxima
 
-            self._calibration = activation_maxima(float_copy, self.tokenizer)
+            if self.parked_copies:
+                self._calibration = activation_maxima(self.working_copy(), self.tokenizer)
+            else:
+                with self.computing_in_fp32() as model:
+                    self._calibration = activation_maxima(model, self.tokenizer)
         return self._calibration
 
     @contextlib.contextmanager
