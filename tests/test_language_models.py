@@ -256,6 +256,19 @@ def test_folder_without_tokenizer_is_refused(tiny_lms: dict[str, Path], tmp_path
         load_model(str(bare))
 
 
+def test_a_tokenizer_with_more_tokens_than_the_vocabulary_is_refused(tiny_lms: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """Its ids past the embedding would fail deep inside the eager reference; the load names the mismatch."""
+    folder = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_lms["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match=r"the tokenizer has \d+ tokens but the model's vocabulary \(config.json "
+                                          r"vocab_size\) has 1000"):
+        load_model(str(folder))
+
+
 def test_context_longer_than_the_model_is_refused(tiny_lms: dict[str, Path]) -> None:
     with pytest.raises(SourceError, match="--context-len 4096 is larger than the model supports \\(256 positions\\)"):
         load_model(str(tiny_lms["llama"]), SourceOptions(context_len=4096))

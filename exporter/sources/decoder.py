@@ -221,6 +221,7 @@ def load_folder(folder: Path, options: SourceOptions) -> LoadedModel:
         raise SourceError(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json); a language "
                           "model needs one for an app-ready bundle. Save it with tokenizer.save_pretrained(folder)")
     tokenizer = _tokenizer(folder, str(folder))
+    _check_vocabulary(len(tokenizer), config.get("vocab_size"), folder)
     causal_lm = load_weights_checked(AutoModelForCausalLM, folder, dtype=precision.held_dtype(config))
     precision.fp32_buffers(causal_lm)
     generation_file = folder / "generation_config.json"
@@ -229,6 +230,15 @@ def load_folder(folder: Path, options: SourceOptions) -> LoadedModel:
               **pruning_record(causal_lm)}
     return _finish(causal_lm, tokenizer, model_name(folder), source, weights_fingerprint(folder), options, str(folder),
                    generation)
+
+
+def _check_vocabulary(tokens: int, rows: Any, folder: Path) -> None:
+    """A tokenizer with more tokens than the embedding has rows gives ids the model cannot look up: the
+    folder's tokenizer belongs to another model."""
+    if isinstance(rows, int) and tokens > rows:
+        raise SourceError(f"{folder}: the tokenizer has {tokens} tokens but the model's vocabulary (config.json "
+                          f"vocab_size) has {rows}; its ids >= {rows} have no embedding row. Save this model's own "
+                          "tokenizer into the folder (tokenizer.save_pretrained(folder))")
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
