@@ -78,9 +78,27 @@ def checkpoint(name: str) -> tuple[Path, int]:
         shutil.rmtree(folder, ignore_errors=True)
         staging.replace(folder)
         del model
+    _fit_tokenizer(folder / "tokenizer.json", shape["vocab_size"])
     from exporter.memory_plan import parameters_on_disk
 
     return folder, parameters_on_disk(str(folder))  # a tied table once
+
+
+def _fit_tokenizer(path: Path, vocab_size: int) -> None:
+    """SmolLM2's BPE tokenizer cut to a smaller vocabulary (TinyLlama's and Phi-3's 32k): the tokens with
+    ids below it and the merges that make only those, so every id it gives has an embedding row."""
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    if len(vocab) <= vocab_size:
+        return
+    kept = {token: index for token, index in vocab.items() if index < vocab_size}
+    tokenizer["model"]["vocab"] = kept
+    tokenizer["model"]["merges"] = [[a, b] for a, b in tokenizer["model"]["merges"]
+                                    if a in kept and b in kept and a + b in kept]
+    tokenizer["added_tokens"] = [token for token in tokenizer["added_tokens"] if token["id"] < vocab_size]
+    staging = path.with_suffix(".json.part")
+    staging.write_text(json.dumps(tokenizer, ensure_ascii=False))
+    staging.replace(path)
 
 
 def runtime_peaks(folder: Path) -> dict[str, float | None]:
