@@ -101,17 +101,19 @@ def _fit_tokenizer(path: Path, vocab_size: int) -> None:
     staging.replace(path)
 
 
-def runtime_peaks(folder: Path) -> dict[str, float | None]:
+def runtime_peaks(folder: Path) -> dict[str, float | str | None]:
     """Peak RSS of each artifact in the engine an app runs it in (TextLLMRunner, LiteRT-LM), loading it and
-    generating edgeship bench's prompt and tokens in a fresh process: what the app shares a phone's memory with."""
+    generating edgeship bench's prompt and tokens in a fresh process: what the app shares a phone's memory with
+    (MB; an engine that failed: its last error line)."""
     from transformers import AutoTokenizer
 
     from exporter import manifest
     from exporter.bench import app_engines, prompt_ids, run_engine
 
     tokens = len(prompt_ids(AutoTokenizer.from_pretrained(str(folder))))
-    return {f"{kind} {name}": run_engine(kind, folder, name, tokens).get("peak_rss_mb")
+    runs = {f"{kind} {name}": run_engine(kind, folder, name, tokens)
             for kind, name in app_engines(folder, manifest.require(folder))}
+    return {engine: run.get("peak_rss_mb", run.get("error")) for engine, run in runs.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -156,11 +158,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         slowest = sorted(row["phases"], key=lambda p: -p["seconds"])[:3]
         phases = "; ".join(f"{p['phase'][:40]} {p['seconds']:.0f} s, {p['peak_tree_pss_gib']} GiB" for p in slowest)
-        runtimes = "; ".join(f"{engine}: {'-' if mb is None else f'{mb / 1024:.2f} GiB'}"
-                             for engine, mb in row.get("runtime_peak_rss_mb", {}).items())
+        runtimes = "; ".join(f"{engine}: {_peak(mb)}" for engine, mb in row.get("runtime_peak_rss_mb", {}).items())
         lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.0f}M | {row['wall_s'] / 60:.1f} min | "
                      f"{row['peak_tree_pss_gib']} GiB | {row['bytes_per_parameter']} | {phases} | {runtimes} |")
     return "\n".join(lines)
+
+
+def _peak(mb: float | str | None) -> str:
+    return "-" if mb is None else f"failed ({mb})" if isinstance(mb, str) else f"{mb / 1024:.2f} GiB"
 
 
 if __name__ == "__main__":
