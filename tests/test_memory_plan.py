@@ -29,15 +29,22 @@ def test_the_estimate_grows_with_the_model_and_is_lower_one_artifact_at_a_time()
 
 # Measured whole-tree peaks (docs/measurements.md "Export cost against model size"), the highest of the
 # runs measured: fp32 GiB of the model, side by side, one artifact at a time (None: not measured).
-MEASURED = [(0.50, 4.90, 3.50), (1.35, 6.47, None), (1.84, 7.40, None), (4.60, 11.31, 9.85)]
+MEASURED = [(0.50, 4.90, 3.50), (1.35, 6.47, None), (1.84, 7.40, None), (4.60, 11.31, 9.85), (14.23, None, 21.56)]
 
 
 @pytest.mark.parametrize("fp32_gib,side_by_side,one_at_a_time", MEASURED)
-def test_the_estimate_is_at_or_above_every_measured_peak(fp32_gib: float, side_by_side: float,
+def test_the_estimate_is_at_or_above_every_measured_peak(fp32_gib: float, side_by_side: float | None,
                                                           one_at_a_time: float | None) -> None:
-    assert estimated_peak(int(fp32_gib * GIB), True) >= side_by_side * GIB
+    if side_by_side is not None:
+        assert estimated_peak(int(fp32_gib * GIB), True) >= side_by_side * GIB
     if one_at_a_time is not None:
         assert estimated_peak(int(fp32_gib * GIB), False) >= one_at_a_time * GIB
+
+
+def test_a_model_measured_to_fit_is_not_refused() -> None:
+    """Phi-3-mini's shape (14.2 GiB in fp32) exported one artifact at a time at 21.56 GiB on a machine with
+    about 22.5 GiB available: the estimate must let it try."""
+    assert estimated_peak(int(14.23 * GIB), False) <= 22.5 * GIB
 
 
 def test_side_by_side_when_it_fits_or_when_nothing_can_be_known() -> None:
