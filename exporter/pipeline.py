@@ -107,37 +107,39 @@ def export(
     previous_records = {a["name"]: a for a in previous.get("artifacts", [])}
     tools = manifest.toolchain()
 
-    if model.language is not None:
-        with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"), \
-                model.language.computing_in_fp32():
-            golden: Golden | lm_parity.Reference | seq2seq_parity.Reference = lm_parity.reference(model.language)
-        np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
-        bundle = bundle_files(folder, model.language)
-    elif model.seq2seq is not None:
-        with progress.stage("eager fp32 reference: teacher-forced targets and greedy answers"):
-            golden = seq2seq_parity.reference(model.seq2seq)
-        np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
-        bundle = bundle_seq2seq_files(folder, model.seq2seq)
-    else:
-        golden = make_golden(model, reuse.GOLDEN_SETS)
-        golden.save(folder / manifest.GOLDEN)
-        bundle = {}
-    program: torch.export.ExportedProgram | None = model.program
-    model_record = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint,
-                    "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                               for n, t in zip(model.input_names, model.sample_inputs)],
-                    "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
-                    "padding_mask": model.padding_mask, "fp32_bytes": reference}
-    golden_record = {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
-                     "kind": golden_kind(model), "sets": reuse.GOLDEN_SETS}
-    # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
-    plans = [reuse.plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
-             for spec in specs]
-    # A language model's answers are known now: its weights wait on disk while the builds work on copies.
-    parking = model.language is not None and any(plan.builds for plan in plans)
-    if parking and any(plan.builds and plan.spec.smoothing for plan in plans):
-        with progress.stage("calibration pass for smoothing"):
-            model.language.calibration_maxima()  # on the reference, before its weights are parked
+    with contextlib.ExitStack() as in_fp32:
+        if model.language is not None:
+            # fp32 from the eager reference through smoothing's calibration pass below: upcast once, not twice
+            in_fp32.enter_context(model.language.computing_in_fp32())
+            with progress.stage("eager fp32 reference: teacher-forced text and greedy answers"):
+                golden: Golden | lm_parity.Reference | seq2seq_parity.Reference = lm_parity.reference(model.language)
+            np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
+            bundle = bundle_files(folder, model.language)
+        elif model.seq2seq is not None:
+            with progress.stage("eager fp32 reference: teacher-forced targets and greedy answers"):
+                golden = seq2seq_parity.reference(model.seq2seq)
+            np.savez(folder / manifest.GOLDEN, **golden.golden_arrays())
+            bundle = bundle_seq2seq_files(folder, model.seq2seq)
+        else:
+            golden = make_golden(model, reuse.GOLDEN_SETS)
+            golden.save(folder / manifest.GOLDEN)
+            bundle = {}
+        program: torch.export.ExportedProgram | None = model.program
+        model_record = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint,
+                        "inputs": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                                   for n, t in zip(model.input_names, model.sample_inputs)],
+                        "outputs": list(model.output_names), "logits_outputs": sorted(model.logits_outputs),
+                        "padding_mask": model.padding_mask, "fp32_bytes": reference}
+        golden_record = {"file": manifest.GOLDEN, "sha256": files.sha256_of(folder / manifest.GOLDEN),
+                         "kind": golden_kind(model), "sets": reuse.GOLDEN_SETS}
+        # Decided once per artifact: reuse this folder's copy, copy another target's, or build.
+        plans = [reuse.plan(model, spec, tools, folder, previous_records.get(spec.name), output_root, target.name)
+                 for spec in specs]
+        # A language model's answers are known now: its weights wait on disk while the builds work on copies.
+        parking = model.language is not None and any(plan.builds for plan in plans)
+        if parking and any(plan.builds and plan.spec.smoothing for plan in plans):
+            with progress.stage("calibration pass for smoothing"):
+                model.language.calibration_maxima()  # on the reference, before its weights are parked
     with model.language.reference_parked(folder) if parking else contextlib.nullcontext():
         if parallel and model.language is not None:
             for plan in plans:
